@@ -1,0 +1,134 @@
+"""The `sweep` command line. Bad input exits with status 2 and one line naming the file and field."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sweeps.spec import SpecError, bundled_specs, count_trials, load_spec
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    for name, path in sorted(bundled_specs().items()):
+        spec, _ = load_spec(str(path))
+        summary = spec.description.strip().splitlines()[0] if spec.description.strip() else ""
+        print(f"{name:36s} {sum(count_trials(spec).values()):5d} trials  {summary}")
+
+
+def cmd_validate(args: argparse.Namespace) -> None:
+    spec, path = load_spec(args.spec, args.set)
+    if args.smoke:
+        from sweeps.runner import smoke_spec
+        spec = smoke_spec(spec)
+    trials = count_trials(spec)
+    print(f"{path}: valid")
+    print(f"  name       {spec.name}")
+    print(f"  data       {spec.data.name}, batch {spec.data.batch_size}" + (f", resize {spec.data.resize}" if spec.data.resize else ""))
+    print(f"  model      {spec.model.name}")
+    print(f"  train      {spec.train.epochs} epochs, loss {spec.train.loss}")
+    print(f"  search     {spec.search.algorithm}, num_samples {spec.search.num_samples}, "
+          f"{spec.search.metric} ({spec.search.mode})")
+    sched = spec.scheduler
+    print(f"  scheduler  {sched.name}" + (f" (grace {sched.grace_period}, reduction {sched.reduction_factor:g}, "
+                                          f"max_t {sched.max_t or 'epochs'})" if sched.name == "asha" else ""))
+    print(f"  resources  {spec.resources.cpu:g} CPU, {spec.resources.gpu:g} GPU per trial")
+    print(f"  trials     {sum(trials.values())}")
+    for arm, settings in spec.arm_settings().items():
+        shown = ", ".join(f"{k}={_show(v)}" for k, v in settings.items())
+        print(f"    {arm:14s} {trials[arm]:5d}  {shown}")
+    for key, value in spec.space_settings().items():
+        print(f"  space      {key} = {_show(value)}")
+    for note in spec.notes:
+        print(f"  note       {note}")
+
+
+def _show(value) -> str:
+    return f"{value.kind}{list(value.values)}" if hasattr(value, "kind") else repr(value)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from sweeps.runner import run_sweep, smoke_spec
+    spec, _ = load_spec(args.spec, args.set + ([f"name={args.name}"] if args.name else []))
+    if args.smoke:
+        spec = smoke_spec(spec)
+    results_dir = run_sweep(spec, storage=args.storage, address=args.address, dashboard=not args.no_dashboard)
+    _report(results_dir)
+
+
+def cmd_resume(args: argparse.Namespace) -> None:
+    from sweeps.runner import resume_sweep
+    _report(resume_sweep(args.results_dir, address=args.address, dashboard=not args.no_dashboard))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from analysis import write_report
+    print(write_report(args.results_dir, args.out))
+
+
+def _report(results_dir: str) -> None:
+    if "://" in results_dir:
+        print(f"results in {results_dir}; copy them locally and run `sweep report DIR` for the report")
+        return
+    from analysis import write_report
+    print(f"report: {write_report(results_dir)}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sweep", description="Hyperparameter sweeps on Ray Tune from a YAML spec.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("list", help="bundled specs, one line each").set_defaults(func=cmd_list)
+
+    def spec_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("spec", help="a YAML file or the name of a bundled spec (see `sweep list`)")
+        q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a spec value by dotted key, e.g. --set train.epochs=3 (repeatable)")
+        q.add_argument("--smoke", action="store_true", help="shrink the sweep to run in about a minute on a CPU")
+
+    q = sub.add_parser("validate", help="check a spec and print the trial plan; starts nothing")
+    spec_args(q)
+    q.set_defaults(func=cmd_validate)
+
+    def ray_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--address", help="an existing Ray cluster: auto, HOST:6379 or ray://HOST:10001 "
+                                         "(default: start a local Ray instance)")
+        q.add_argument("--no-dashboard", action="store_true", help="do not start the Ray dashboard (local runs)")
+
+    q = sub.add_parser("run", help="run a sweep, then write its report")
+    spec_args(q)
+    ray_args(q)
+    q.add_argument("--storage", help="where results go: a directory or a URI such as s3://bucket/path "
+                                     "(default: $SWEEP_STORAGE or ./results)")
+    q.add_argument("--name", help="results directory name (default: the spec's name)")
+    q.set_defaults(func=cmd_run)
+
+    q = sub.add_parser("resume", help="continue an interrupted sweep")
+    q.add_argument("results_dir")
+    ray_args(q)
+    q.set_defaults(func=cmd_resume)
+
+    q = sub.add_parser("report", help="write tables and report.html for a results directory (also while running)")
+    q.add_argument("results_dir")
+    q.add_argument("--out", help="output directory (default: RESULTS_DIR/report)")
+    q.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SpecError as err:
+        print(f"sweep: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        from analysis import ResultsError  # analysis errors are user input errors too
+        if isinstance(err, ResultsError):
+            print(f"sweep: error: {err}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

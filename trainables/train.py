@@ -1,0 +1,195 @@
+"""The trainable: one function of a trial's config that trains and reports to Tune every epoch.
+
+Contract (the same for every model and dataset):
+- `config` is what Tune's searcher made: `{"arm": {"name": ..., <dotted setting>: value}, <dotted setting>: value}`;
+- `base` is the spec's four settings sections, `dataset` the decoded dataset (both arrive once
+  through the object store via `tune.with_parameters`);
+- every epoch it reports `epoch, train_loss, train_acc, val_loss, val_acc, gen_gap, weight_l2, ece,
+  lr, epoch_time_s, samples_per_s` with a checkpoint every `train.checkpoint_every` epochs; the
+  last epoch adds `test_loss, test_acc` (when a test split exists), `confusion_matrix` and `classes`;
+- a non-finite training loss ends the trial with `diverged: True`: a result, not an error.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import tempfile
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+from ray import tune
+
+from trainables.data import Dataset, Loader
+from trainables.metrics import accuracy, confusion_matrix, expected_calibration_error, weight_l2
+from trainables.models import create_model
+from trainables.optim import add_l2_penalty_grad, create_loss, create_optimizer, create_schedule
+
+CHECKPOINT_FILE = "state.pt"
+
+
+def resolve_settings(base: dict[str, dict[str, Any]], config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Lay a trial's dotted settings (its arm's, then the shared space's) over the base sections."""
+    flat = {k: v for k, v in config.get("arm", {}).items() if k != "name"}
+    flat.update({k: v for k, v in config.items() if k != "arm"})
+    settings = copy.deepcopy(base)
+    for path, value in flat.items():
+        *parents, leaf = path.split(".")
+        node = settings
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return settings
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(choice: str) -> torch.device:
+    """The GPU Ray assigned (Ray sets CUDA_VISIBLE_DEVICES per trial), else the CPU."""
+    if choice == "cpu" or not torch.cuda.is_available():
+        if choice == "cuda":
+            raise RuntimeError("train.device is 'cuda' but no GPU is visible to this trial (set resources.gpu)")
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def set_threads() -> None:
+    """One torch thread per CPU Ray gave this trial, so trials sharing a node do not oversubscribe it."""
+    try:
+        import ray
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    except Exception:  # outside Ray (unit tests, benchmarks): keep torch's default
+        return
+    torch.set_num_threads(max(1, int(cpus)))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: Loader, loss_fn, num_classes: int, autocast) -> dict[str, Any]:
+    """Loss, accuracy, ECE and confusion matrix over a whole split, in large batches."""
+    model.eval()
+    logits = []
+    labels = []
+    for x, y in loader:
+        with autocast():
+            logits.append(model(x).float())
+        labels.append(y)
+    logits, labels = torch.cat(logits), torch.cat(labels)
+    probs = logits.softmax(dim=1)
+    return {
+        "loss": loss_fn(logits, labels).item(),
+        "acc": accuracy(logits, labels),
+        "ece": expected_calibration_error(probs, labels),
+        "confusion": confusion_matrix(logits.argmax(dim=1), labels, num_classes),
+    }
+
+
+def train_trial(config: dict[str, Any], *, base: dict[str, dict[str, Any]], dataset: Dataset) -> None:
+    """Ray Tune function trainable. See the module docstring for the contract."""
+    s = resolve_settings(base, config)
+    data, model_cfg, optim_cfg, train_cfg = s["data"], s["model"], s["optim"], s["train"]
+    set_threads()
+    seed_everything(train_cfg["seed"])
+    device = pick_device(train_cfg["device"])
+    on_cuda = device.type == "cuda"
+    torch.backends.cudnn.benchmark = on_cuda and train_cfg["cudnn_benchmark"]
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train_cfg["amp"])
+    autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if on_cuda and amp_dtype else nullcontext
+    channels_last = on_cuda and train_cfg["channels_last"]
+
+    image_size = data["resize"] or dataset.train_x.shape[-1]
+    model = create_model(model_cfg["name"], in_channels=dataset.train_x.shape[1], num_classes=dataset.num_classes,
+                         image_size=image_size, **{k: v for k, v in model_cfg.items() if k != "name"})
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    optimizer = create_optimizer(model.parameters(), **optim_cfg)
+    schedule = create_schedule(optimizer, schedule=optim_cfg["schedule"], milestones=optim_cfg["milestones"],
+                               gamma=optim_cfg["gamma"], step_size=optim_cfg["step_size"], epochs=train_cfg["epochs"])
+    loss_fn = create_loss(train_cfg["loss"])
+    scaler = torch.amp.GradScaler("cuda", enabled=on_cuda and amp_dtype is torch.float16)
+
+    common = dict(device=device, mean=dataset.mean, std=dataset.std, resize=data["resize"], channels_last=channels_last)
+    train_loader = Loader(dataset.train_x, dataset.train_y, batch_size=data["batch_size"], shuffle=True,
+                          seed=train_cfg["seed"], augment=data["augment"], **common)
+    val_loader = Loader(dataset.val_x, dataset.val_y, batch_size=data["eval_batch_size"], **common)
+
+    start_epoch = 1
+    checkpoint = tune.get_checkpoint()
+    if checkpoint:  # a retried or resumed trial continues where its last checkpoint left it
+        with checkpoint.as_directory() as folder:
+            state = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if schedule:
+            schedule.load_state_dict(state["schedule"])
+        train_loader.generator.set_state(state["loader_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch = state["epoch"] + 1
+
+    epochs = train_cfg["epochs"]
+    for epoch in range(start_epoch, epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per batch
+        correct = torch.zeros((), device=device)
+        seen = 0
+        for x, y in train_loader:
+            with autocast():
+                logits = model(x)
+                loss = loss_fn(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if optim_cfg["l2_penalty"]:
+                add_l2_penalty_grad(model.parameters(), optim_cfg["l2_penalty"])
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(dim=1) == y).sum()
+            seen += len(y)
+        train_loss = (loss_sum / seen).item()
+        train_acc = (correct / seen).item()
+        epoch_time = time.perf_counter() - t0
+        val = evaluate(model, val_loader, loss_fn, dataset.num_classes, autocast)
+        metrics = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "val_loss": val["loss"],
+            "val_acc": val["acc"],
+            "gen_gap": train_acc - val["acc"],
+            "weight_l2": weight_l2(model),
+            "ece": val["ece"],
+            "lr": lr,
+            "epoch_time_s": epoch_time,
+            "samples_per_s": seen / epoch_time,
+            "diverged": not np.isfinite(train_loss),
+        }
+        if schedule:
+            schedule.step()
+        last = epoch == epochs or metrics["diverged"]
+        if last:
+            metrics["confusion_matrix"] = val["confusion"].tolist()
+            metrics["classes"] = list(dataset.classes)
+            if dataset.test_x is not None and not metrics["diverged"]:
+                test_loader = Loader(dataset.test_x, dataset.test_y, batch_size=data["eval_batch_size"], **common)
+                test = evaluate(model, test_loader, loss_fn, dataset.num_classes, autocast)
+                metrics["test_loss"], metrics["test_acc"] = test["loss"], test["acc"]
+        if metrics["diverged"] or not (last or epoch % train_cfg["checkpoint_every"] == 0):
+            tune.report(metrics)
+        else:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "schedule": schedule.state_dict() if schedule else None,
+                     "loader_rng": train_loader.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                     "epoch": epoch}
+            with tempfile.TemporaryDirectory() as folder:
+                torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        if metrics["diverged"]:
+            return
