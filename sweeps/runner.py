@@ -11,7 +11,7 @@ from typing import Any
 import pyarrow.fs
 import yaml
 
-from sweeps.space import optuna_space, param_space
+from sweeps.space import OptunaSpace, param_space
 from sweeps.spec import Spec, SpecError, count_trials, dump_spec, validate_spec
 from trainables.data import DataError, Dataset, load_dataset
 
@@ -136,7 +136,7 @@ def build_tuner(spec: Spec, dataset: Dataset, *, storage: str, restore: str | No
     metric, mode = spec.search.metric, spec.search.mode
     if spec.search.algorithm == "optuna":
         import optuna
-        searcher = OptunaSearch(space=optuna_space(spec), metric=metric, mode=mode,
+        searcher = OptunaSearch(space=OptunaSpace(spec), metric=metric, mode=mode,
                                 sampler=optuna.samplers.TPESampler(seed=spec.search.seed))
         if spec.search.max_concurrent:
             searcher = ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)

@@ -8,7 +8,7 @@ The trainable lays these dotted settings over the spec's sections (`trainables.t
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from ray import tune
 
@@ -45,25 +45,25 @@ def _suggest(trial: Any, name: str, domain: Domain) -> Any:
     return trial.suggest_float(name, *domain.values, log=domain.kind == "loguniform")
 
 
-def optuna_space(spec: Spec) -> Callable[[Any], dict[str, Any]]:
-    """A define-by-run function for OptunaSearch.
+class OptunaSpace:
+    """A define-by-run search space for OptunaSearch (a class, not a closure: Tune pickles it with the searcher).
 
     Arms take turns (trial k gets arm k mod n), so every arm gets the same budget. Each arm's
     parameters have their own Optuna names (`adam:optim.lr`), so TPE models each arm separately.
     """
-    arms = spec.arm_settings()
-    names = list(arms)
-    shared = spec.space_settings()
 
-    def define_by_run(captor: Any) -> dict[str, Any]:
+    def __init__(self, spec: Spec):
+        self.arms = spec.arm_settings()
+        self.shared = spec.space_settings()
+
+    def __call__(self, captor: Any) -> dict[str, Any]:
         trial = captor.ot_trial  # suggest on the raw Optuna trial: the config we return is the whole config
+        names = list(self.arms)
         arm = names[trial.number % len(names)]
         trial.set_user_attr("arm", arm)
         config: dict[str, Any] = {"arm": {"name": arm}}
-        for key, value in arms[arm].items():
+        for key, value in self.arms[arm].items():
             config["arm"][key] = _suggest(trial, f"{arm}:{key}", value) if isinstance(value, Domain) else value
-        for key, value in shared.items():
+        for key, value in self.shared.items():
             config[key] = _suggest(trial, key, value) if isinstance(value, Domain) else value
         return config
-
-    return define_by_run

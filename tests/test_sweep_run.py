@@ -1,0 +1,133 @@
+"""End-to-end sweeps with the real CLI and a real local Ray runtime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run_cli, trial_results, write_spec
+
+pytestmark = pytest.mark.slow
+
+EPOCH_METRICS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "gen_gap", "weight_l2", "ece", "lr",
+                 "epoch_time_s", "samples_per_s"}
+
+
+def run_ok(*args: str) -> str:
+    done = run_cli(*args, "--no-dashboard")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def test_grid_sweep_reports_every_metric_every_epoch(tmp_path, tiny_spec):
+    tiny_spec["space"] = {"seed": {"grid": [0, 1]}}
+    out = run_ok("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path / "results"))
+    results_dir = tmp_path / "results" / "tiny"
+    trials = trial_results(results_dir)
+    assert len(trials) == 4  # 2 arms x 2 seeds
+    for name, rows in trials.items():
+        assert [r["epoch"] for r in rows] == [1, 2]
+        for row in rows:
+            assert EPOCH_METRICS <= row.keys(), name
+            assert 0 <= row["val_acc"] <= 1 and 0 <= row["train_acc"] <= 1 and 0 <= row["ece"] <= 1
+            assert row["gen_gap"] == pytest.approx(row["train_acc"] - row["val_acc"])
+            assert row["diverged"] is False
+        last = rows[-1]
+        assert {"test_loss", "test_acc", "confusion_matrix", "classes"} <= last.keys()
+        matrix = last["confusion_matrix"]
+        assert len(matrix) == 10 and sum(map(sum, matrix)) == 40  # 10% of the 400-image subset is validation
+        assert sum(matrix[i][i] for i in range(10)) / 40 == pytest.approx(last["val_acc"])
+        assert list(results_dir.joinpath(name).glob("checkpoint_*")), "the last epoch is checkpointed"
+    saved = yaml.safe_load((results_dir / "spec.yaml").read_text())
+    assert saved["name"] == "tiny" and saved["train"]["epochs"] == 2 and saved["space"] == tiny_spec["space"]
+    assert "Best trial per arm by val_acc" in out
+    assert (results_dir / "report" / "report.html").is_file()
+
+
+def test_existing_results_dir_is_refused_untouched(tmp_path, tiny_spec):
+    spec = write_spec(tmp_path, tiny_spec)
+    results_dir = tmp_path / "results" / "tiny"
+    results_dir.mkdir(parents=True)
+    (results_dir / "keep.txt").write_text("earlier work")
+    done = run_cli("run", str(spec), "--storage", str(tmp_path / "results"), "--no-dashboard")
+    assert done.returncode == 2 and "already exists" in done.stderr and "sweep resume" in done.stderr
+    assert [p.name for p in results_dir.iterdir()] == ["keep.txt"]
+
+
+def test_unreachable_address_exits_2_before_anything_starts(tmp_path, tiny_spec):
+    spec = write_spec(tmp_path, tiny_spec)
+    done = run_cli("run", str(spec), "--storage", str(tmp_path / "results"), "--address", "127.0.0.1:1")
+    assert done.returncode == 2 and "--address 127.0.0.1:1: cannot reach" in done.stderr
+    assert not (tmp_path / "results" / "tiny").exists()
+
+
+def test_missing_data_dir_exits_2_naming_it(tmp_path, tiny_spec):
+    tiny_spec["data"] = {"name": "cifar10", "data_dir": str(tmp_path / "nowhere")}
+    done = run_cli("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path / "results"))
+    assert done.returncode == 2 and str(tmp_path / "nowhere") in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "results" / "tiny").exists()
+
+
+def test_asha_stops_the_hopeless_arm_early(tmp_path, tiny_spec):
+    # The good arm runs first (grid order), so by the time the hopeless arm (lr 1e-7: it cannot
+    # learn in 4 epochs) reaches a rung there are better results recorded there and ASHA cuts it.
+    tiny_spec.update(
+        train={"epochs": 4},
+        arms={"good": {"optimizer": "adam", "lr": 0.003}, "hopeless": {"optimizer": "sgd", "lr": 1.0e-7}},
+        space={"seed": {"grid": [0, 1, 2]}},
+        search={"max_concurrent": 2},
+        scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2},
+    )
+    run_ok("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path / "results"))
+    trials = trial_results(tmp_path / "results" / "tiny")
+    epochs = {name: rows[-1]["epoch"] for name, rows in trials.items()}
+    hopeless = [e for n, e in epochs.items() if n.startswith("hopeless")]
+    good = [e for n, e in epochs.items() if n.startswith("good")]
+    assert len(hopeless) == 3 and len(good) == 3
+    assert max(hopeless) < 4, f"ASHA should have stopped the hopeless arm early: {epochs}"
+    assert max(good) == 4
+
+
+def test_optuna_sweep_gives_each_arm_its_budget_within_its_range(tmp_path, tiny_spec):
+    tiny_spec.update(
+        train={"epochs": 1},
+        arms={"sgd": {"optimizer": "sgd", "lr": {"loguniform": [0.01, 0.5]}},
+              "adam": {"optimizer": "adam", "lr": {"loguniform": [1e-4, 1e-2]}}},
+        search={"algorithm": "optuna", "num_samples": 3, "max_concurrent": 2},
+    )
+    run_ok("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path / "results"))
+    configs = [json.loads(p.read_text()) for p in (tmp_path / "results" / "tiny").glob("*/params.json")]
+    arms = [c["arm"]["name"] for c in configs]
+    assert sorted(arms) == ["adam"] * 3 + ["sgd"] * 3
+    for c in configs:
+        low, high = (0.01, 0.5) if c["arm"]["name"] == "sgd" else (1e-4, 1e-2)
+        assert low <= c["arm"]["optim.lr"] <= high and c["arm"]["optim.optimizer"] == c["arm"]["name"]
+
+
+def test_same_spec_and_seed_give_identical_metrics(tmp_path, tiny_spec):
+    tiny_spec["data"]["augment"] = {"crop_padding": 2, "hflip": True}  # randomness in the data path too
+    spec = write_spec(tmp_path, tiny_spec)
+    for name in ("first", "second"):
+        run_ok("run", str(spec), "--storage", str(tmp_path / "results"), "--name", name)
+    volatile = {"epoch_time_s", "samples_per_s", "time_this_iter_s", "time_total_s", "timestamp", "date", "pid",
+                "time_since_restore", "trial_id", "experiment_tag", "checkpoint_dir_name", "hostname", "node_ip",
+                "config"}
+
+    def metrics(name: str) -> dict:
+        return {n.split("_")[0]: [{k: v for k, v in r.items() if k not in volatile} for r in rows]
+                for n, rows in trial_results(tmp_path / "results" / name).items()}
+
+    assert metrics("first") == metrics("second")
+
+
+def test_smoke_quickstart_runs_on_the_embedded_data(tmp_path):
+    out = run_ok("run", "quickstart", "--smoke", "--storage", str(tmp_path))
+    trials = trial_results(tmp_path / "quickstart")
+    assert len(trials) == 10  # 5 arms x 2 samples under --smoke
+    assert "Best trial per arm" in out
+    saved = yaml.safe_load((tmp_path / "quickstart" / "spec.yaml").read_text())
+    assert saved["smoke"] is True and saved["notes"]
