@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from analysis import ResultsError
 from sweeps.spec import SpecError, bundled_specs, count_trials, load_spec
 
 
@@ -118,15 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         args.func(args)
-    except SpecError as err:
+    except (SpecError, ResultsError) as err:  # bad user input: one line, exit 2
         print(f"sweep: error: {err}", file=sys.stderr)
         return 2
-    except Exception as err:
-        from analysis import ResultsError  # analysis errors are user input errors too
-        if isinstance(err, ResultsError):
-            print(f"sweep: error: {err}", file=sys.stderr)
-            return 2
-        raise
     return 0
 
 
