@@ -1,0 +1,474 @@
+"""Plotly figures of a sweep. Like Optuna's visualization module, each figure is two functions:
+`_<name>_info` computes its data (a small NamedTuple, unit-tested) and `_<name>_plot` draws it.
+
+FIGURES maps a name to a function (results, comparison) -> go.Figure, in the report's order. A figure
+that does not apply to these results (batch size never varies, no trial finished) raises
+NotApplicable with the reason, which the report lists instead of the figure.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.colors import hex_to_rgb, qualitative
+from plotly.subplots import make_subplots
+
+from analysis.results import FINISHED, Results
+from analysis.tables import Comparison, seed_columns
+
+MAX_POINTS = 400  # points drawn per curve; longer curves are downsampled so the page stays responsive
+STATUS_COLOURS = {"completed": "#2ca02c", "stopped": "#ff7f0e", "diverged": "#d62728", "error": "#7f7f7f",
+                  "running": "#1f77b4"}
+LEARNING = ["train_loss", "val_loss", "train_acc", "val_acc"]
+GENERALISATION = ["gen_gap", "weight_l2"]
+CALIBRATION = ["ece"]
+
+
+class NotApplicable(Exception):
+    """This figure does not apply to these results; the message says why."""
+
+
+def colours(labels: list[str]) -> dict[str, str]:
+    palette = qualitative.Plotly + qualitative.Dark24
+    return {label: palette[i % len(palette)] for i, label in enumerate(labels)}
+
+
+def _rgba(colour: str, alpha: float) -> str:
+    return "rgba({},{},{},{})".format(*hex_to_rgb(colour), alpha)
+
+
+def _layout(fig: go.Figure, title: str, note: str = "", height: int = 420) -> go.Figure:
+    text = f"{title}<br><sup>{note}</sup>" if note else title
+    fig.update_layout(title={"text": text, "x": 0.01}, template="plotly_white", height=height,
+                      margin={"t": 90, "l": 70, "r": 30, "b": 60}, legend={"title": {"text": ""}})
+    return fig
+
+
+# -- comparison: mean and 95% CI of each arm's best configuration ------------------------------------
+
+class ComparisonInfo(NamedTuple):
+    metric: str
+    labels: list[str]
+    mean: np.ndarray
+    ci_low: np.ndarray
+    ci_high: np.ndarray
+    n_seeds: np.ndarray
+
+
+def _comparison_info(results: Results, comparison: Comparison) -> ComparisonInfo:
+    table, metric = comparison.table, results.metric
+    if table.empty or not np.isfinite(table[f"{metric}_mean"].to_numpy(float)).any():
+        raise NotApplicable(f"no trial reported {metric} yet")
+    return ComparisonInfo(metric, comparison.labels, table[f"{metric}_mean"].to_numpy(float),
+                          table[f"{metric}_ci95_low"].to_numpy(float), table[f"{metric}_ci95_high"].to_numpy(float),
+                          table["n_seeds"].to_numpy(int))
+
+
+def _comparison_plot(info: ComparisonInfo) -> go.Figure:
+    palette = colours(info.labels)
+    fig = go.Figure()
+    for i, label in enumerate(info.labels):
+        has_ci = np.isfinite(info.ci_low[i])
+        fig.add_trace(go.Scatter(
+            x=[info.mean[i]], y=[label], mode="markers", name=label, marker={"size": 11, "color": palette[label]},
+            error_x={"type": "data", "symmetric": False, "array": [info.ci_high[i] - info.mean[i] if has_ci else 0],
+                     "arrayminus": [info.mean[i] - info.ci_low[i] if has_ci else 0], "visible": bool(has_ci)},
+            hovertemplate=f"{label}<br>mean %{{x:.4g}}<br>{info.n_seeds[i]} seed(s)<extra></extra>"))
+    fig.update_yaxes(autorange="reversed", type="category")
+    fig.update_xaxes(title_text=f"final {info.metric}")
+    return _layout(fig, f"Arms compared: final {info.metric}", "mean and 95% CI over the seeds of each "
+                   "arm's best configuration, best first; no bar where there is 1 seed",
+                   height=200 + 40 * len(info.labels))
+
+
+def comparison_figure(results: Results, comparison: Comparison) -> go.Figure:
+    return _comparison_plot(_comparison_info(results, comparison))
+
+
+# -- curves by epoch: mean line and ±std band over the seeds of each arm's best configuration -------
+
+class Curve(NamedTuple):
+    label: str
+    metric: str
+    epoch: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray  # NaN where fewer than 2 seeds reported that epoch
+    n: np.ndarray  # seeds that reported each epoch
+
+
+class CurvesInfo(NamedTuple):
+    metrics: list[str]
+    curves: list[Curve]
+    stride: int  # every stride-th epoch is drawn (1: all)
+
+
+def _curves_info(results: Results, comparison: Comparison, metrics: list[str]) -> CurvesInfo:
+    epochs = results.epochs
+    present = [m for m in metrics if m in epochs and epochs[m].notna().any()]
+    if not present:
+        raise NotApplicable(f"no trial reported {' or '.join(metrics)}")
+    stride = max(1, math.ceil(epochs["epoch"].nunique() / MAX_POINTS))
+    curves = []
+    for label, trial_ids in zip(comparison.labels, comparison.members, strict=True):
+        rows = epochs[epochs["trial_id"].isin(trial_ids)]
+        values = rows[present].replace([np.inf, -np.inf], np.nan)  # a diverged seed would swamp the mean
+        stats = values.groupby(rows["epoch"]).agg(["mean", "std", "count"])
+        if stride > 1:
+            stats = stats.iloc[sorted({*range(0, len(stats), stride), len(stats) - 1})]
+        for metric in present:
+            s = stats[metric]
+            keep = s["count"].to_numpy() > 0
+            curves.append(Curve(label, metric, s.index.to_numpy()[keep], s["mean"].to_numpy()[keep],
+                                s["std"].to_numpy()[keep], s["count"].to_numpy()[keep]))
+    return CurvesInfo(present, curves, stride)
+
+
+def _curves_plot(info: CurvesInfo, title: str, labels: list[str]) -> go.Figure:
+    palette = colours(labels)
+    cols = 1 if len(info.metrics) == 1 else 2
+    rows = math.ceil(len(info.metrics) / cols)
+    height = 140 + 320 * rows
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=info.metrics, horizontal_spacing=0.08,
+                        vertical_spacing=110 / (height - 150))  # room for an x title and the next subplot's title
+    last_epoch = max((c.epoch.max() for c in info.curves if len(c.epoch)), default=0)
+    dtick = 1 if last_epoch <= 12 else None  # whole epochs only: no "epoch 1.5" ticks on short runs
+    for i, metric in enumerate(info.metrics):
+        row, col = i // cols + 1, i % cols + 1
+        for curve in (c for c in info.curves if c.metric == metric):
+            colour, band = palette[curve.label], np.isfinite(curve.std)
+            if band.any():
+                x = curve.epoch[band]
+                upper, lower = (curve.mean + curve.std)[band], (curve.mean - curve.std)[band]
+                fig.add_trace(go.Scatter(x=np.concatenate([x, x[::-1]]), y=np.concatenate([upper, lower[::-1]]),
+                                         fill="toself", fillcolor=_rgba(colour, 0.18), line={"width": 0},
+                                         hoverinfo="skip", showlegend=False, legendgroup=curve.label), row, col)
+            fig.add_trace(go.Scatter(
+                x=curve.epoch, y=curve.mean, name=curve.label, legendgroup=curve.label, showlegend=i == 0,
+                mode="lines+markers" if len(curve.epoch) <= 30 else "lines", line={"color": colour},
+                customdata=curve.n, hovertemplate=f"{curve.label}<br>epoch %{{x}}<br>{metric} %{{y:.4g}}"
+                                                  "<br>%{customdata} seed(s)<extra></extra>"), row, col)
+        fig.update_xaxes(title_text="epoch", dtick=dtick, row=row, col=col)
+    note = "mean ± std over the seeds of each arm's best configuration"
+    if info.stride > 1:
+        note += f"; downsampled: every {info.stride}th epoch drawn"
+    return _layout(fig, title, note, height=height)
+
+
+def learning_curves(results: Results, comparison: Comparison) -> go.Figure:
+    return _curves_plot(_curves_info(results, comparison, LEARNING), "Learning curves", comparison.labels)
+
+
+def generalisation(results: Results, comparison: Comparison) -> go.Figure:
+    return _curves_plot(_curves_info(results, comparison, GENERALISATION),
+                        "Generalisation gap (train_acc − val_acc) and L2 weight norm", comparison.labels)
+
+
+def calibration(results: Results, comparison: Comparison) -> go.Figure:
+    return _curves_plot(_curves_info(results, comparison, CALIBRATION), "Expected calibration error (ECE)",
+                        comparison.labels)
+
+
+def other_metrics(results: Results, comparison: Comparison) -> go.Figure:
+    """Every other metric the trials reported at more than one epoch: figures follow the data."""
+    named = {*LEARNING, *GENERALISATION, *CALIBRATION}
+    counts = results.epochs.groupby("trial_id")[[m for m in results.metrics if m not in named]].count()
+    others = [m for m in counts.columns if counts[m].max() > 1]
+    if not others:
+        raise NotApplicable("no other metric was reported at more than one epoch")
+    return _curves_plot(_curves_info(results, comparison, others), "Other metrics by epoch", comparison.labels)
+
+
+# -- sensitivity: final metric against one hyperparameter, one line per arm -------------------------
+
+class SensitivityInfo(NamedTuple):
+    key: str
+    log_x: bool
+    y_columns: list[str]
+    points: pd.DataFrame  # trial_id, arm, status, x, y columns: trials that ended (finished or stopped)
+    means: pd.DataFrame  # arm, x, <y>_mean, <y>_std, <y>_count over finished trials, for arms that repeat an x
+
+
+def _sensitivity_info(results: Results, key: str, y_columns: list[str]) -> SensitivityInfo:
+    trials = results.trials
+    if trials[key].nunique() < 2:
+        raise NotApplicable(f"{key} does not vary in this sweep")
+    y_columns = [c for c in y_columns if c in trials]
+    ended = trials[trials["status"].isin([*FINISHED, "stopped"]) & trials[key].notna()]
+    if ended.empty or not y_columns:
+        raise NotApplicable(f"no trial has ended with a {y_columns[0] if y_columns else 'final metric'} yet")
+    points = ended[["trial_id", "arm", "status", key, *y_columns]].rename(columns={key: "x"})
+    points[y_columns] = points[y_columns].replace([np.inf, -np.inf], np.nan)
+    x = pd.to_numeric(points["x"], errors="coerce")
+    log_x = bool(x.notna().all() and (x > 0).all() and x.max() / x.min() >= 4)
+    finished = points[points["status"].isin(FINISHED)]
+    means = finished.groupby(["arm", "x"])[y_columns].agg(["mean", "std", "count"])
+    means.columns = [f"{y}_{stat}" for y, stat in means.columns]
+    means = means.reset_index()
+    repeats = means.groupby("arm")[f"{y_columns[0]}_count"].transform("max") > 1  # grid-like: a mean per x
+    return SensitivityInfo(key, log_x, y_columns, points, means[repeats])
+
+
+def _sensitivity_plot(info: SensitivityInfo, title: str, arms: list[str]) -> go.Figure:
+    palette = colours(arms)
+    fig = make_subplots(rows=1, cols=len(info.y_columns), subplot_titles=info.y_columns)
+    for col, y in enumerate(info.y_columns, start=1):
+        for arm in arms:
+            points, means = info.points[info.points["arm"] == arm], info.means[info.means["arm"] == arm]
+            for stopped in (False, True):
+                p = points[(points["status"] == "stopped") == stopped]
+                if p.empty:
+                    continue
+                fig.add_trace(go.Scatter(
+                    x=p["x"], y=p[y], mode="markers", name=f"{arm} (stopped early)" if stopped else arm,
+                    legendgroup=arm, showlegend=col == 1,
+                    marker={"color": palette[arm], "size": 7, "opacity": 0.7,
+                            "symbol": "circle-open" if stopped else "circle"},
+                    text=p["trial_id"] + " · " + p["status"],
+                    hovertemplate=f"%{{text}}<br>{info.key} %{{x:.4g}}<br>{y} %{{y:.4g}}<extra>{arm}</extra>"), 1, col)
+            if len(means):
+                fig.add_trace(go.Scatter(
+                    x=means["x"], y=means[f"{y}_mean"], mode="lines", name=f"{arm} mean", legendgroup=arm,
+                    showlegend=False, line={"color": palette[arm]},
+                    error_y={"type": "data", "array": means[f"{y}_std"].fillna(0), "thickness": 1}), 1, col)
+        values = sorted(info.points["x"].unique())
+        fig.update_xaxes(title_text=info.key + (" (log)" if info.log_x else ""), type="log" if info.log_x else None,
+                         tickvals=values if info.log_x and len(values) <= 8 else None, row=1, col=col)
+    return _layout(fig, title, "each marker a trial (hollow: stopped early, at its last epoch); lines: mean ± std "
+                               "over finished trials at each value", height=460)
+
+
+def _hyperparameter(results: Results, names: tuple[str, ...]) -> str:
+    matches = [h for h in results.hyperparameters if h.rsplit(".", 1)[-1] in names]
+    if not matches:
+        raise NotApplicable(f"no hyperparameter named {' or '.join(names)} (or *.{names[0]}) in this sweep")
+    return matches[0]
+
+
+def _ranked_arms(comparison: Comparison) -> list[str]:
+    return list(dict.fromkeys(comparison.table["arm"])) if len(comparison.table) else []
+
+
+def lr_sensitivity(results: Results, comparison: Comparison) -> go.Figure:
+    info = _sensitivity_info(results, _hyperparameter(results, ("lr", "learning_rate")), [f"final_{results.metric}"])
+    return _sensitivity_plot(info, f"Learning-rate sensitivity: final {results.metric} against {info.key}",
+                             _ranked_arms(comparison))
+
+
+def batch_size_effect(results: Results, comparison: Comparison) -> go.Figure:
+    info = _sensitivity_info(results, _hyperparameter(results, ("batch_size",)),
+                             [f"final_{results.metric}", "final_samples_per_s"])
+    return _sensitivity_plot(info, f"Batch-size effect: final {results.metric} and throughput",
+                             _ranked_arms(comparison))
+
+
+# -- parallel coordinates over every hyperparameter that varies -------------------------------------
+
+class Dimension(NamedTuple):
+    label: str
+    values: np.ndarray
+    tickvals: list | None  # None: Plotly's own ticks
+    ticktext: list | None
+
+
+class ParallelInfo(NamedTuple):
+    dimensions: list[Dimension]  # the hyperparameters, then the metric (which also colours the lines)
+    colour_range: tuple[float, float]  # the worst 10% share one colour, so an outlier does not flatten the rest
+    n_trials: int
+    omitted: list[str]  # seeds (not tuned) and settings fixed within each arm (the arm axis says them)
+
+
+def _parallel_info(results: Results) -> ParallelInfo:
+    trials, value = results.trials, f"final_{results.metric}"
+    if value not in trials:
+        raise NotApplicable(f"no trial reported {results.metric} yet")
+    shown = trials[np.isfinite(trials[value].to_numpy(float)) & (trials["status"] != "running")]
+    seeds = seed_columns(results)
+    per_arm = shown.groupby("arm")[results.hyperparameters].nunique(dropna=False).max()
+    omitted = [*seeds, *(k for k in results.hyperparameters if k not in seeds and per_arm.get(k, 0) <= 1)]
+    keys = [k for k in ["arm", *results.hyperparameters] if k not in omitted and shown[k].nunique(dropna=False) > 1]
+    if shown.empty or not keys:
+        raise NotApplicable("no hyperparameter varies across the trials that ended" if len(shown)
+                            else "no trial has ended yet")
+    dimensions = [_dimension(k, shown[k]) for k in keys]
+    metric = shown[value].to_numpy(float)
+    dimensions.append(Dimension(value, metric, None, None))
+    low, high = np.percentile(metric, [10, 100] if results.mode == "max" else [0, 90])
+    return ParallelInfo(dimensions, (float(low), float(high)), len(shown), omitted)
+
+
+def _dimension(name: str, series: pd.Series) -> Dimension:
+    """Numbers stay numbers (log10 when they span two decades); labels and short lists of numbers with
+    gaps (a key only some arms have) become categories; missing numbers sit below the axis as "n/a"."""
+    numeric = pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series)
+    values = series.to_numpy(float) if numeric else None
+    if numeric and series.notna().all():
+        if (values > 0).all() and values.max() / values.min() >= 100:
+            logs = np.log10(values)
+            inner = [d for d in range(math.ceil(logs.min()), math.floor(logs.max()) + 1)
+                     if min(abs(d - logs.min()), abs(d - logs.max())) > 0.25]  # not on top of an end label
+            ticks = [logs.min(), *inner, logs.max()]  # the ends too: Plotly draws the axis line between ticks
+            return Dimension(f"{name} (log)", logs, ticks, [f"{10 ** t:.2g}" for t in ticks])
+        return Dimension(name, values, None, None)
+    if not numeric or series.nunique() <= 12:
+        categories = sorted(series.dropna().unique(), key=lambda v: (not numeric, v if numeric else str(v)))
+        labels = ["n/a", *(_short(v) for v in categories)] if series.isna().any() else [_short(v) for v in categories]
+        position = {v: i + series.isna().any() for i, v in enumerate(categories)}
+        codes = np.array([0 if pd.isna(v) else position[v] for v in series], dtype=float)
+        return Dimension(name, codes, list(range(len(labels))), labels)
+    low, high = np.nanmin(values), np.nanmax(values)
+    sentinel = low - 0.1 * (high - low)
+    ticks = np.linspace(low, high, 5)
+    return Dimension(name, np.where(np.isnan(values), sentinel, values), [sentinel, *ticks],
+                     ["n/a", *(f"{t:.3g}" for t in ticks)])
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, (float, np.floating)) else str(value)
+
+
+def _parallel_plot(info: ParallelInfo) -> go.Figure:
+    metric = info.dimensions[-1]
+    fig = go.Figure(go.Parcoords(
+        line={"color": metric.values, "colorscale": "Viridis", "showscale": True, "cmin": info.colour_range[0],
+              "cmax": info.colour_range[1],
+              "colorbar": {"title": {"text": metric.label}}},
+        dimensions=[{"label": d.label, "values": d.values,
+                     **({"tickvals": d.tickvals, "ticktext": d.ticktext} if d.tickvals is not None else {})}
+                    for d in info.dimensions]))
+    note = f"{info.n_trials} trials that ended (early-stopped ones at their last epoch)"
+    if info.omitted:
+        note += f"; not shown: {', '.join(info.omitted)} (seeds, or fixed within each arm)"
+    fig = _layout(fig, "Parallel coordinates over the hyperparameters", note, height=520)
+    fig.update_layout(margin={"t": 140, "l": 90})  # axis labels sit above the axes
+    return fig
+
+
+def parallel_coordinates(results: Results, comparison: Comparison) -> go.Figure:
+    return _parallel_plot(_parallel_info(results))
+
+
+# -- early stopping: epochs each trial consumed, the rungs, and the budget saved ---------------------
+
+class EarlyStoppingInfo(NamedTuple):
+    trial_ids: list[str]  # in Ray's creation order
+    epochs_run: np.ndarray
+    status: list[str]
+    rungs: list[float]  # ASHA's milestones (epochs) below max_t; empty for FIFO
+    spent: int  # epochs run by all trials
+    full: int  # epochs a full run of every trial would take
+
+
+def _early_stopping_info(results: Results) -> EarlyStoppingInfo:
+    trials = results.trials
+    if trials.empty:
+        raise NotApplicable("no trial has started yet")
+    planned = trials["epochs_planned"].fillna(int(trials["epochs_run"].max())).to_numpy(int)
+    scheduler = results.spec.get("scheduler") or {}
+    rungs = []
+    if scheduler.get("name") == "asha":  # Ray's ASHA defaults: grace_period 1, reduction_factor 4
+        grace, factor = scheduler.get("grace_period", 1), scheduler.get("reduction_factor", 4)
+        max_t = scheduler.get("max_t", int(planned.max()))
+        rungs = [grace * factor ** k for k in range(64) if grace * factor ** k < max_t]
+    return EarlyStoppingInfo(trials["trial_id"].tolist(), trials["epochs_run"].to_numpy(int),
+                             trials["status"].tolist(), rungs, int(trials["epochs_run"].sum()),
+                             int(np.maximum(planned, trials["epochs_run"]).sum()))
+
+
+def _early_stopping_plot(info: EarlyStoppingInfo) -> go.Figure:
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.75, 0.25], horizontal_spacing=0.1,
+                        subplot_titles=["epochs run by each trial", "epochs spent"])
+    status = np.array(info.status)
+    for name, colour in STATUS_COLOURS.items():
+        chosen = np.flatnonzero(status == name)
+        if len(chosen):
+            fig.add_trace(go.Scatter(x=chosen + 1, y=info.epochs_run[chosen], mode="markers", name=name,
+                                     marker={"color": colour, "size": 6},
+                                     text=[info.trial_ids[i] for i in chosen],
+                                     hovertemplate="%{text}<br>%{y} epochs<extra>" + name + "</extra>"), 1, 1)
+    for rung in info.rungs:
+        fig.add_hline(y=rung, line={"dash": "dot", "color": "#999", "width": 1}, annotation_text=f"rung {rung:g}",
+                      annotation_position="top left", row=1, col=1)
+    saved = 1 - info.spent / info.full if info.full else 0.0
+    fig.add_trace(go.Bar(x=["spent", "full grid"], y=[info.spent, info.full], marker_color=["#1f77b4", "#c7c7c7"],
+                         text=[f"{info.spent:,}", f"{info.full:,}"], textposition="auto", showlegend=False), 1, 2)
+    fig.update_xaxes(title_text="trial (creation order)", row=1, col=1)
+    fig.update_yaxes(title_text="epochs", rangemode="tozero", dtick=1 if info.epochs_run.max() <= 12 else None,
+                     row=1, col=1)
+    note = f"{info.spent:,} of {info.full:,} epochs run ({saved:.0%} saved against training every trial to the end)"
+    if info.rungs:
+        note += "; dotted lines: ASHA rungs"
+    return _layout(fig, "Early stopping", note, height=440)
+
+
+def early_stopping(results: Results, comparison: Comparison) -> go.Figure:
+    return _early_stopping_plot(_early_stopping_info(results))
+
+
+# -- confusion matrix of the best trial -------------------------------------------------------------
+
+class ConfusionInfo(NamedTuple):
+    trial_id: str
+    label: str
+    classes: list[str]
+    counts: np.ndarray  # [true][pred]
+    fraction: np.ndarray  # counts over the row total: recall of each true class on the diagonal
+
+
+def _confusion_info(results: Results, comparison: Comparison) -> ConfusionInfo:
+    if not results.confusion:
+        raise NotApplicable("no trial reported a confusion matrix (it comes with a trial's final epoch)")
+    candidates = results.trials[results.trials["trial_id"].isin(list(results.confusion))]
+    values = candidates[f"final_{results.metric}"].replace([np.inf, -np.inf], np.nan) \
+        if f"final_{results.metric}" in candidates else pd.Series(np.nan, index=candidates.index)
+    best = candidates.loc[(values.idxmax() if results.mode == "max" else values.idxmin())
+                          if values.notna().any() else candidates.index[0]]
+    classes, matrix = results.confusion[best["trial_id"]]
+    counts = np.asarray(matrix, dtype=float)
+    totals = counts.sum(axis=1, keepdims=True)
+    fraction = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    label = comparison.group_of.get(best["trial_id"], best["arm"])
+    return ConfusionInfo(best["trial_id"], label, [str(c) for c in classes], counts, fraction)
+
+
+def _confusion_plot(info: ConfusionInfo) -> go.Figure:
+    show_text = len(info.classes) <= 20  # numbers in cells stop being readable beyond that
+    fig = go.Figure(go.Heatmap(
+        z=info.fraction, x=info.classes, y=info.classes, colorscale="Blues", zmin=0, zmax=1,
+        text=info.counts.astype(int), texttemplate="%{text}" if show_text else None,
+        colorbar={"title": {"text": "share of<br>true class"}},
+        hovertemplate="true %{y}<br>predicted %{x}<br>%{text} (%{z:.1%})<extra></extra>"))
+    fig.update_xaxes(title_text="predicted", type="category")
+    fig.update_yaxes(title_text="true", type="category", autorange="reversed")
+    size = min(900, 200 + 36 * len(info.classes))
+    return _layout(fig, f"Confusion matrix of the best trial ({info.trial_id}, {info.label})",
+                   "validation split, final epoch; cells: counts, colour: share of the true class", height=size)
+
+
+def confusion_matrix(results: Results, comparison: Comparison) -> go.Figure:
+    return _confusion_plot(_confusion_info(results, comparison))
+
+
+FIGURES: dict[str, Callable[[Results, Comparison], go.Figure]] = {
+    "comparison": comparison_figure,
+    "learning_curves": learning_curves,
+    "lr_sensitivity": lr_sensitivity,
+    "batch_size": batch_size_effect,
+    "parallel_coordinates": parallel_coordinates,
+    "generalisation": generalisation,
+    "calibration": calibration,
+    "early_stopping": early_stopping,
+    "confusion_matrix": confusion_matrix,
+    "other_metrics": other_metrics,
+}
+
+
+def make_figure(name: str, results: Results, comparison: Comparison) -> go.Figure:
+    """Draws the figure `name`; raises NotApplicable when it does not apply to these results."""
+    if name not in FIGURES:
+        raise ValueError(f"unknown figure {name!r}; valid names: {', '.join(FIGURES)}")
+    return FIGURES[name](results, comparison)

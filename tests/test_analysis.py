@@ -1,0 +1,307 @@
+"""analysis/: reading results, the comparison and reference tables with known numbers, figure data,
+and write_report's files, against hand-built results directories (tests/results_fixtures.py)."""
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from results_fixtures import curve_rows, spec_for, synthetic_sweep, write_spec, write_trial
+
+from analysis import ResultsError, load_results, write_report
+from analysis.figures import (MAX_POINTS, NotApplicable, _confusion_info, _curves_info, _early_stopping_info,
+                              _parallel_info, _sensitivity_info, make_figure, other_metrics)
+from analysis.tables import compare, reference_table
+
+T_975_DF2 = 4.302652729911275
+# Final val_acc of each seed. Arm a's best configuration is lr=1e-3 (mean 0.92, std 0.02); b is clearly
+# worse (Welch p = 0.00285), c is within noise of a, d has a single seed.
+SEEDS = {("a", 1e-3): [0.90, 0.92, 0.94], ("a", 1e-2): [0.85, 0.86, 0.87], ("b", 1e-3): [0.80, 0.81, 0.79],
+         ("c", 1e-3): [0.915, 0.925, 0.91], ("d", 1e-3): [0.70]}
+REFERENCE = {"source": "paper", "rows": [{"arm": "a", "val_acc": 0.93}, {"arm": "b", "val_acc": 0.90, "val_loss": 0.3},
+                                         {"arm": "e", "val_acc": 0.5}]}
+
+
+def build_known(path, **spec_extra):
+    write_spec(path, spec_for("known", epochs=3, arms={a: {} for a in "abcd"}, reference=REFERENCE, **spec_extra))
+    index = 0
+    for (arm, lr), finals in SEEDS.items():
+        for seed, final in enumerate(finals):
+            config = {"arm": {"name": arm, "optim.optimizer": "adam", "optim.lr": lr}, "train.seed": seed,
+                      "data.batch_size": 64}
+            write_trial(path, index, config, curve_rows(final, 3, lr=lr), done=True)
+            index += 1
+    return path
+
+
+@pytest.fixture
+def known(tmp_path):
+    return load_results(build_known(tmp_path / "known"))
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+def test_load_flattens_the_config_and_keeps_only_reported_metrics(known):
+    trials, epochs = known.trials, known.epochs
+    assert len(trials) == 13 and len(epochs) == 13 * 3
+    assert known.hyperparameters == ["optim.optimizer", "optim.lr", "train.seed", "data.batch_size"]
+    assert set(trials["status"]) == {"completed"} and not known.partial
+    first = trials.iloc[0]
+    assert (first["arm"], first["optim.lr"], first["train.seed"], first["epochs_run"]) == ("a", 1e-3, 0, 3)
+    assert trials["final_val_acc"].tolist() == [f for finals in SEEDS.values() for f in finals]
+    assert {"pid", "time_total_s", "training_iteration", "config", "done"}.isdisjoint(epochs.columns)
+    assert {"val_acc", "gen_gap", "ece", "lr", "samples_per_s", "test_acc"} <= set(known.metrics)
+    per_trial_time = epochs.groupby("trial_id")["epoch_time_s"].sum()
+    assert trials.set_index("trial_id")["wall_time_s"].to_numpy() == pytest.approx(per_trial_time.to_numpy())
+    assert len(known.confusion) == 13
+
+
+def test_statuses_partial_and_damaged_files(tmp_path):
+    write_spec(tmp_path, spec_for(epochs=4, scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2}))
+    config = {"arm": {"name": "a"}, "train.seed": 0}
+    write_trial(tmp_path, 0, config, curve_rows(0.9, 4), done=True)
+    write_trial(tmp_path, 1, config, curve_rows(0.9, 4)[:2], done=True)  # ASHA stopped it after 2 epochs
+    diverged = curve_rows(0.9, 4)[:2]
+    diverged[-1].update(train_loss=math.nan, val_loss=math.inf, diverged=True)
+    write_trial(tmp_path, 2, config, diverged)
+    write_trial(tmp_path, 3, config, curve_rows(0.9, 4)[:1], error="RuntimeError: boom")
+    write_trial(tmp_path, 4, config, curve_rows(0.9, 4)[:3], half_line=True)  # still running
+    (tmp_path / "train_5f3a1_00005_5_starting").mkdir()  # Ray created it, params.json not yet written
+    (tmp_path / "train_5f3a1_00005_5_starting" / "result.json").write_text("")
+
+    results = load_results(tmp_path)
+    trials = results.trials.set_index("trial_id")
+    assert trials["status"].tolist() == ["completed", "stopped", "diverged", "error", "running"]
+    assert trials["epochs_run"].tolist() == [4, 2, 2, 1, 3]  # the half-written line is ignored
+    assert trials["stopped_early"].tolist() == [False, True, False, False, False]
+    assert results.partial
+    row = trials.loc["5f3a1_00002"]
+    assert math.isnan(row["final_train_loss"]) and math.isinf(row["final_val_loss"])
+
+
+def test_best_epoch_differs_from_final_epoch(tmp_path):
+    write_spec(tmp_path, spec_for(epochs=3))
+    rows = curve_rows(0.8, 3)
+    rows[1]["val_acc"] = 0.95  # peaks at epoch 2
+    write_trial(tmp_path, 0, {"arm": {"name": "a"}}, rows, done=True)
+    trial = load_results(tmp_path).trials.iloc[0]
+    assert (trial["best_epoch"], trial["best_val_acc"], trial["final_val_acc"]) == (2, 0.95, 0.8)
+
+
+def test_resumed_trial_keeps_the_last_row_of_a_repeated_epoch(tmp_path):
+    write_spec(tmp_path, spec_for(epochs=3))
+    trial_dir = write_trial(tmp_path, 0, {"arm": {"name": "a"}}, curve_rows(0.9, 3), done=True)
+    lines = (trial_dir / "result.json").read_text().splitlines()
+    repeated = json.loads(lines[1]) | {"val_acc": 0.5}  # epoch 2 reported again after a restore
+    (trial_dir / "result.json").write_text("\n".join([lines[0], lines[1], json.dumps(repeated), lines[2]]) + "\n")
+    epochs = load_results(tmp_path).epochs
+    assert epochs["epoch"].tolist() == [1, 2, 3] and epochs["val_acc"].iloc[1] == 0.5
+
+
+def test_config_falls_back_to_the_result_rows_and_mixed_types_become_text(tmp_path):
+    write_spec(tmp_path, spec_for(epochs=1))
+    write_trial(tmp_path, 0, {"arm": {"name": "a", "model.width": 64}}, curve_rows(0.9, 1), done=True)
+    broken = write_trial(tmp_path, 1, {"arm": {"name": "b", "model.width": "wide"}}, curve_rows(0.8, 1), done=True)
+    (broken / "params.json").write_text('{"arm": {"na')  # Ray was writing it
+    results = load_results(tmp_path)
+    assert results.trials["model.width"].tolist() == ["64", "wide"]
+    write_report(tmp_path)  # Parquet accepts the column
+    assert pd.read_parquet(tmp_path / "report" / "trials.parquet")["model.width"].tolist() == ["64", "wide"]
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda d: None, "no such directory"),
+    (lambda d: d.mkdir(), "is empty"),
+    (lambda d: (d.mkdir(), (d / "notes.txt").write_text("hi")), "has no spec.yaml"),
+    (lambda d: (d.mkdir(), (d / "spec.yaml").write_text("name: [unclosed")), "spec.yaml: cannot read the spec"),
+    (lambda d: (d.mkdir(), (d / "spec.yaml").write_text("- a list")), "expected a mapping"),
+])
+def test_not_a_sweep_is_a_clear_error(tmp_path, setup, message):
+    directory = tmp_path / "results"
+    setup(directory)
+    with pytest.raises(ResultsError, match=message) as error:
+        write_report(directory)
+    assert str(directory) in str(error.value)
+
+
+# -- tables ----------------------------------------------------------------------------------------
+
+def test_comparison_ranks_arms_with_known_means_intervals_and_tests(known):
+    table = compare(known).table.set_index("arm")
+    assert table.index.tolist() == ["a", "c", "b", "d"]
+    assert table["rank"].tolist() == [1, 2, 3, 4]
+    a = table.loc["a"]
+    half = T_975_DF2 * 0.02 / math.sqrt(3)
+    assert (a["n_seeds"], a["n_configs"], a["n_trials"]) == (3, 2, 6)
+    assert a["best_config"] == "optim.lr=0.001"  # the lr=1e-2 configuration has the lower mean
+    assert a[["val_acc_mean", "val_acc_std", "val_acc_ci95_low", "val_acc_ci95_high"]].tolist() == \
+        pytest.approx([0.92, 0.02, 0.92 - half, 0.92 + half])
+    assert a["distinguishable"] == "top" and math.isnan(a["p_value"])
+    assert table.loc["b", "p_value"] == pytest.approx(0.0028544, abs=1e-6)
+    assert table.loc["b", "diff_vs_top"] == pytest.approx(-0.12)
+    assert table.loc["b", "distinguishable"] == "yes"
+    assert table.loc["c", "distinguishable"] == "no" and table.loc["c", "p_value"] > 0.05
+    assert table.loc["d", "distinguishable"] == "n/a (1 seed)" and math.isnan(table.loc["d", "val_acc_std"])
+
+
+def test_comparison_groups_by_compare_by_keys(tmp_path):
+    results = load_results(build_known(tmp_path, compare_by=["lr"]))  # matched to optim.lr by its last part
+    comparison = compare(results)
+    assert comparison.labels[:2] == ["a · optim.lr=0.001", "c · optim.lr=0.001"]
+    assert "a · optim.lr=0.01" in comparison.labels
+    assert comparison.table["optim.lr"].notna().all()
+
+
+def test_comparison_follows_the_mode_of_the_search(tmp_path):
+    results = load_results(build_known(
+        tmp_path, search={"algorithm": "grid", "metric": "val_loss", "mode": "min"}))
+    table = compare(results).table
+    assert table["arm"].tolist() == ["a", "c", "b", "d"]  # lower loss first: the same order as higher accuracy
+    assert table["val_loss_mean"].is_monotonic_increasing
+
+
+def test_comparison_of_a_running_sweep_is_provisional(tmp_path):
+    write_spec(tmp_path, spec_for(epochs=5))
+    write_trial(tmp_path, 0, {"arm": {"name": "a"}, "train.seed": 0}, curve_rows(0.9, 5)[:2])
+    row = compare(load_results(tmp_path)).table.iloc[0]
+    assert row["note"].startswith("provisional") and row["n_seeds"] == 1
+
+
+def test_reference_table_compares_published_numbers_with_the_interval(known):
+    reference = reference_table(known, compare(known)).set_index(["arm", "metric"])
+    assert reference.loc[("a", "val_acc"), "within_ci95"] == "yes"  # 0.93 inside 0.92 ± 0.0497
+    assert reference.loc[("a", "val_acc"), "difference"] == pytest.approx(0.92 - 0.93)
+    assert reference.loc[("b", "val_acc"), "within_ci95"] == "no"
+    assert reference.loc[("b", "val_loss"), "n_seeds"] == 3
+    assert reference.loc[("e", "val_acc"), "within_ci95"] == "not run"
+    assert reference_table(dataclasses.replace(known, spec={}), compare(known)) is None
+
+
+# -- figure data -----------------------------------------------------------------------------------
+
+def test_curves_are_mean_and_std_over_the_seeds_of_the_best_configuration(known):
+    info = _curves_info(known, compare(known), ["val_acc", "not_reported"])
+    assert info.metrics == ["val_acc"] and info.stride == 1
+    a = next(c for c in info.curves if c.label == "a")
+    assert a.epoch.tolist() == [1, 2, 3]
+    assert (a.mean[-1], a.std[-1], a.n[-1]) == pytest.approx((0.92, 0.02, 3))
+    d = next(c for c in info.curves if c.label == "d")
+    assert np.isnan(d.std).all()  # one seed: no band
+    with pytest.raises(NotApplicable, match="no trial reported"):
+        _curves_info(known, compare(known), ["not_reported"])
+
+
+def test_long_curves_are_downsampled_and_the_figure_says_so(tmp_path):
+    epochs = 3 * MAX_POINTS
+    write_spec(tmp_path, spec_for(epochs=epochs))
+    write_trial(tmp_path, 0, {"arm": {"name": "a"}}, curve_rows(0.9, epochs, confusion=False), done=True)
+    results = load_results(tmp_path)
+    info = _curves_info(results, compare(results), ["val_acc"])
+    assert info.stride == 3 and len(info.curves[0].epoch) <= MAX_POINTS + 1
+    assert info.curves[0].epoch[-1] == epochs  # the last epoch is always drawn
+    assert "downsampled" in make_figure("learning_curves", results, compare(results)).layout.title.text
+
+
+def test_sensitivity_uses_a_log_axis_and_means_per_value(known):
+    info = _sensitivity_info(known, "optim.lr", ["final_val_acc"])
+    assert info.log_x
+    a = info.means[info.means["arm"] == "a"].set_index("x")
+    assert a.loc[1e-3, "final_val_acc_mean"] == pytest.approx(0.92)
+    assert a.loc[1e-2, "final_val_acc_count"] == 3
+    with pytest.raises(NotApplicable, match="data.batch_size does not vary"):
+        make_figure("batch_size", known, compare(known))
+
+
+def test_parallel_coordinates_omit_seeds_and_fixed_settings(known):
+    info = _parallel_info(known)
+    assert [d.label for d in info.dimensions] == ["arm", "optim.lr", "final_val_acc"]
+    assert {"train.seed", "optim.optimizer", "data.batch_size"} <= set(info.omitted)
+    assert info.dimensions[0].ticktext == ["a", "b", "c", "d"]
+    assert info.n_trials == 13
+
+
+def test_early_stopping_counts_epochs_and_asha_rungs(tmp_path):
+    write_spec(tmp_path, spec_for(epochs=10, scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 3,
+                                                        "max_t": 10}))
+    for index, run in enumerate([10, 1, 3, 9]):
+        write_trial(tmp_path, index, {"arm": {"name": "a"}, "train.seed": index}, curve_rows(0.9, 10)[:run], done=True)
+    info = _early_stopping_info(load_results(tmp_path))
+    assert info.rungs == [1, 3, 9]
+    assert (info.spent, info.full) == (23, 40)
+    assert info.status == ["completed", "stopped", "stopped", "stopped"]
+
+
+def test_confusion_matrix_is_the_best_trials(known):
+    info = _confusion_info(known, compare(known))
+    best = known.trials.set_index("trial_id").loc[info.trial_id]
+    assert best["final_val_acc"] == 0.94 and info.label == "a"
+    assert info.fraction.sum(axis=1) == pytest.approx(np.ones(10))
+    assert info.counts.sum() == 1000
+
+
+def test_any_reported_metric_can_be_plotted(tmp_path):
+    write_spec(tmp_path, spec_for(epochs=3))
+    rows = [{**row, "grad_norm": 1.0 + i} for i, row in enumerate(curve_rows(0.9, 3))]
+    write_trial(tmp_path, 0, {"arm": {"name": "a"}}, rows, done=True)
+    results = load_results(tmp_path)
+    fig = other_metrics(results, compare(results))
+    assert "grad_norm" in [a.text for a in fig.layout.annotations]
+    assert "test_acc" not in [a.text for a in fig.layout.annotations]  # reported once, at the end
+
+
+def test_unknown_figure_lists_the_valid_names(known):
+    with pytest.raises(ValueError, match="valid names: comparison, learning_curves"):
+        make_figure("loss", known, compare(known))
+
+
+# -- the report ------------------------------------------------------------------------------------
+
+def test_write_report_writes_every_table_atomically(tmp_path):
+    results_dir = build_known(tmp_path / "known")
+    page = write_report(results_dir, tmp_path / "out")
+    out = tmp_path / "out"
+    assert page == out / "report.html"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["report.html", "comparison.csv", "comparison.md", "reference.csv", "trials.csv", "trials.parquet",
+         "epochs.csv", "epochs.parquet"])  # and no temporary file left behind
+    assert pd.read_parquet(out / "epochs.parquet").shape == pd.read_csv(out / "epochs.csv").shape == (39, 15)
+    assert pd.read_csv(out / "trials.csv")["final_val_acc"].tolist() == pd.read_parquet(
+        out / "trials.parquet")["final_val_acc"].tolist()
+    assert pd.read_csv(out / "comparison.csv")["arm"].tolist() == ["a", "c", "b", "d"]
+    markdown = (out / "comparison.md").read_text()
+    assert "Welch's two-sided t-test" in markdown and "## Published vs reproduced (source: paper)" in markdown
+    assert "| 1 | a | optim.lr=0.001 | 3 | 0.92 | 0.02 | 0.8703 – 0.9697 |" in markdown
+
+
+def test_report_html_is_self_contained_and_ordered(tmp_path):
+    html = write_report(synthetic_sweep(tmp_path / "sweep", n_trials=12, epochs=5)).read_text()
+    assert html.count("* plotly.js v") == 1  # the library, inlined once
+    assert "<script src=" not in html and "<link" not in html  # nothing fetched from a CDN
+    positions = [html.index(s) for s in ("<h1>synthetic</h1>", "Partial results", "Best configuration",
+                                         "<h2>Comparison</h2>", "<h2>Figures</h2>", 'id="figure-learning_curves"')]
+    assert positions == sorted(positions)
+
+
+def test_empty_and_single_trial_sweeps_give_a_clear_page(tmp_path):
+    empty = write_spec(tmp_path / "empty", spec_for("empty"))
+    html = write_report(empty).read_text()
+    assert "No trial has reported yet" in html and "Partial results" in html
+    assert "plotly-graph-div" not in html and "<h2>Not shown</h2>" in html
+
+    single = write_spec(tmp_path / "single", spec_for("single"))
+    write_trial(single, 0, {"arm": {"name": "a"}, "train.seed": 0}, curve_rows(0.9, 3), done=True)
+    html = write_report(single).read_text()
+    assert 'id="figure-learning_curves"' in html and "Partial results" not in html
+    assert "<b>lr sensitivity</b>: no hyperparameter named lr or learning_rate" in html
+    assert "n/a" not in (single / "report" / "comparison.csv").read_text()  # nothing to test against
+
+
+def test_analysis_never_imports_torch_or_ray(tmp_path):
+    results_dir = synthetic_sweep(tmp_path / "sweep", n_trials=6, epochs=3)
+    code = ("import sys, analysis; analysis.write_report(sys.argv[1]); "
+            "bad = [m for m in ('torch', 'ray') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code, str(results_dir)], check=True, capture_output=True)
