@@ -372,7 +372,7 @@ def _early_stopping_info(results: Results) -> EarlyStoppingInfo:
     rungs = []
     if scheduler.get("name") == "asha":  # Ray's ASHA defaults: grace_period 1, reduction_factor 4
         grace, factor = scheduler.get("grace_period", 1), scheduler.get("reduction_factor", 4)
-        max_t = scheduler.get("max_t", int(planned.max()))
+        max_t = scheduler.get("max_t") or int(planned.max())  # None in a spec means "train.epochs"
         rungs = [grace * factor ** k for k in range(64) if grace * factor ** k < max_t]
     return EarlyStoppingInfo(trials["trial_id"].tolist(), trials["epochs_run"].to_numpy(int),
                              trials["status"].tolist(), rungs, int(trials["epochs_run"].sum()),
