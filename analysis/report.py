@@ -17,7 +17,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs, get_plotlyjs_version
 
 from analysis.figures import FIGURES, NotApplicable
-from analysis.results import STATUSES, Results, load_results
+from analysis.results import STATUSES, Results, ResultsError, _read_spec, load_results
 from analysis.tables import Comparison, compare, comparison_markdown, display, reference_table, seed_columns
 
 STYLE = """
@@ -40,6 +40,8 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
     """Reads the results under `results_dir` and writes the tables and report.html into `out_dir`
     (default `results_dir/report`); returns the path of report.html. Raises ResultsError when the
     directory is not a sweep's results directory."""
+    if (Path(results_dir) / "tune" / "spec.yaml").exists():  # a two-stage protocol (sweeps/protocol.py)
+        return _write_protocol_report(Path(results_dir), out_dir)
     results = load_results(results_dir)
     out = Path(out_dir) if out_dir is not None else results.directory / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -66,6 +68,27 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
             skipped[name] = str(reason)
     _write_atomic(out / "report.html", _page(results, comparison, reference, figures, skipped, files=list(tables)))
     _log(f"{len(figures)} figures, {len(skipped)} not applicable; wrote {out / 'report.html'}")
+    return out / "report.html"
+
+
+def _write_protocol_report(results_dir: Path, out_dir: str | Path | None) -> Path:
+    """Each stage's own report, then the protocol's verdict page."""
+    from analysis.protocol import protocol_page
+
+    spec = _read_spec(results_dir)
+    for stage in ("tune", "confirm"):
+        if (results_dir / stage / "spec.yaml").exists():
+            write_report(results_dir / stage)
+    if not (results_dir / "confirm" / "spec.yaml").exists():
+        raise ResultsError(f"{results_dir}: the confirm stage has not started yet; "
+                           f"see {results_dir / 'tune' / 'report' / 'report.html'} for the tune stage so far")
+    out = Path(out_dir) if out_dir is not None else results_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    page, tables = protocol_page(results_dir, spec, STYLE, get_plotlyjs(), _html_table)
+    for filename, text in tables.items():
+        _write_atomic(out / filename, text)
+    _write_atomic(out / "report.html", page)
+    _log(f"wrote {out / 'report.html'}")
     return out / "report.html"
 
 

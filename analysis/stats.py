@@ -50,3 +50,29 @@ def welch_test(a: ArrayLike, b: ArrayLike) -> TestResult:
         return TestResult(np.nan, np.nan, np.nan)  # t is undefined: no estimate of the spread
     result = stats.ttest_ind(a, b, equal_var=False)
     return TestResult(float(result.statistic), float(result.pvalue), float(result.df))
+
+
+def paired_test(a: ArrayLike, b: ArrayLike) -> TestResult:
+    """Paired two-sided t-test of a against b (a[i] and b[i] share seed i); pairs with a non-finite side are dropped."""
+    a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
+    keep = np.isfinite(a) & np.isfinite(b)
+    diff = a[keep] - b[keep]
+    if len(diff) < 2 or np.ptp(diff) == 0:
+        return TestResult(np.nan, np.nan, np.nan)  # no estimate of the spread of the differences
+    result = stats.ttest_rel(a[keep], b[keep])
+    return TestResult(float(result.statistic), float(result.pvalue), float(len(diff) - 1))
+
+
+def holm(p_values: ArrayLike) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values: reject where adjusted p < alpha keeps the family-wise error <= alpha.
+    NaN p-values stay NaN and do not count towards the family size."""
+    p = np.asarray(p_values, dtype=float)
+    adjusted = np.full_like(p, np.nan)
+    valid = np.flatnonzero(np.isfinite(p))
+    order = valid[np.argsort(p[valid])]
+    m = len(order)
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[index]))  # step-down, kept monotone
+        adjusted[index] = running
+    return adjusted

@@ -160,7 +160,9 @@ def display(table: pd.DataFrame) -> pd.DataFrame:
             continue
         if column.endswith("ci95_low"):
             high = table[column.removesuffix("low") + "high"]
-            columns["95% CI"] = [f"{_fmt(lo)} – {_fmt(hi)}" if np.isfinite(lo) else "—"
+            prefix = column.removesuffix("_ci95_low")
+            label = "95% CI" if prefix == "" or f"{prefix}_mean" not in table else f"{prefix} 95% CI"
+            columns[label] = [f"{_fmt(lo)} – {_fmt(hi)}" if np.isfinite(lo) else "—"
                                  for lo, hi in zip(table[column].astype(float), high.astype(float), strict=True)]
         elif column == "p_value":
             columns[HEADERS[column]] = [f"{v:.2g}" if np.isfinite(v) else "—" for v in table[column].astype(float)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from analysis import ResultsError
 from sweeps.spec import SpecError, bundled_specs, count_trials, load_spec
@@ -52,12 +53,23 @@ def cmd_run(args: argparse.Namespace) -> None:
     spec, _ = load_spec(args.spec, args.set + ([f"name={args.name}"] if args.name else []))
     if args.smoke:
         spec = smoke_spec(spec)
-    results_dir = run_sweep(spec, storage=args.storage, address=args.address, dashboard=not args.no_dashboard)
+    if spec.protocol:
+        from sweeps.protocol import run_protocol
+        results_dir = run_protocol(spec, storage=args.storage, address=args.address, dashboard=not args.no_dashboard)
+    else:
+        results_dir = run_sweep(spec, storage=args.storage, address=args.address, dashboard=not args.no_dashboard)
     _report(results_dir)
 
 
 def cmd_resume(args: argparse.Namespace) -> None:
-    from sweeps.runner import resume_sweep
+    from sweeps.runner import read_spec, resume_sweep, storage_uri
+    spec = read_spec(storage_uri(args.results_dir))
+    if spec.protocol:
+        from sweeps.protocol import run_protocol
+        results_dir = Path(storage_uri(args.results_dir))
+        _report(run_protocol(spec, storage=str(results_dir.parent), address=args.address,
+                             dashboard=not args.no_dashboard, resume=True))
+        return
     _report(resume_sweep(args.results_dir, address=args.address, dashboard=not args.no_dashboard))
 
 

@@ -236,6 +236,12 @@ class Run(Strict):
     checkpoint_keep: PositiveInt = 1                    # checkpoints kept per trial (the latest ones)
 
 
+class Protocol(Strict):
+    """Tune each arm with an equal budget on validation, then confirm each arm's best over seeds on test."""
+    confirm_seeds: int = Field(5, ge=2)                 # reruns of each arm's tuned configuration (train.seed 0..n-1)
+    alpha: float = Field(0.05, gt=0, lt=1)              # family-wise error rate of the pairwise verdicts
+
+
 class Reference(Strict):
     source: str                                         # where the published numbers come from
     rows: list[dict[str, Any]]                          # {arm: NAME, metric: value, ...} as published
@@ -256,6 +262,7 @@ class Spec(Strict):
     resources: Resources = Resources()
     run: Run = Run()
     compare_by: list[str] = []                          # extra settings to group the comparison table by
+    protocol: Protocol | None = None                    # two stages, tune then confirm (sweeps/protocol.py)
     smoke: bool = False                                 # set by `sweep run --smoke`
     notes: list[str] = []                               # what the runner changed or substituted, said to the user
 
@@ -295,6 +302,9 @@ def _check_values(spec: Spec) -> None:
         spec.compare_by = [resolve_key(k) for k in spec.compare_by]
     except ValueError as err:
         raise ValueError(f"compare_by: {err}") from None
+    if spec.protocol and spec.data.val_split == "test":
+        raise ValueError("data.val_split: the protocol tunes on a validation split carved from the training data; "
+                         "'test' would tune on the test split")
     base = spec.base_settings()
     shared = spec.space_settings()
     arms = spec.arm_settings()
@@ -347,15 +357,15 @@ def _fixed(settings: dict[str, Value]) -> dict[str, Any]:
 
 
 def count_trials(spec: Spec) -> dict[str, int]:
-    """Arm name -> number of trials the sweep will run for it."""
-    if spec.search.algorithm == "optuna":
-        return {arm: spec.search.num_samples for arm in spec.arm_settings()}
-
+    """Arm name -> number of trials the sweep will run for it (both stages of a protocol)."""
     def grid_points(values: dict[str, Value]) -> int:
         return math.prod(len(v.values) for v in values.values() if isinstance(v, Domain) and v.kind == "grid")
 
     shared = grid_points(spec.space_settings())
-    return {arm: grid_points(s) * shared * spec.search.num_samples for arm, s in spec.arm_settings().items()}
+    confirm = spec.protocol.confirm_seeds if spec.protocol else 0
+    if spec.search.algorithm == "optuna":
+        return {arm: spec.search.num_samples + confirm for arm in spec.arm_settings()}
+    return {arm: grid_points(s) * shared * spec.search.num_samples + confirm for arm, s in spec.arm_settings().items()}
 
 
 # --- loading ----------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ import torch
 
 from trainables.data import DATASETS, DataError, Loader, augment_batch, load_dataset, rotate
 
+from mnist_files import write_mnist
+
 
 def _rows(images: np.ndarray) -> set[bytes]:
     return {image.tobytes() for image in images}
@@ -58,19 +60,9 @@ def test_synthetic_is_deterministic_and_learnable():
     assert (distances.argmin(1) == test_y).mean() > 0.9
 
 
-def _write_idx(path, array: np.ndarray) -> None:
-    """MNIST's raw idx format: magic (0x08 = ubyte, number of dims), big-endian dims, then the bytes."""
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
 def test_torchvision_files_on_disk_are_decoded_to_nchw(tmp_path):
     images, labels, *_ = DATASETS["mnist5k"](None, False)  # real digits written in torchvision's MNIST layout
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for prefix, part in (("train", slice(0, 400)), ("t10k", slice(400, 500))):
-        _write_idx(raw / f"{prefix}-images-idx3-ubyte", images[part, 0])
-        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels[part])
+    write_mnist(tmp_path, train=(images[:400], labels[:400]), test=(images[400:500], labels[400:500]))
     data = load_dataset("mnist", data_dir=str(tmp_path), val_split="test", normalize="none")
     assert data.note == "" and data.classes[0] == "0 - zero" and data.test_x is None
     np.testing.assert_array_equal(data.train_x, images[:400])

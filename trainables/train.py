@@ -21,6 +21,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 from ray import tune
 
@@ -63,12 +64,37 @@ def pick_device(choice: str) -> torch.device:
 
 def set_threads() -> None:
     """One torch thread per CPU Ray gave this trial, so trials sharing a node do not oversubscribe it."""
-    try:
-        import ray
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-    except Exception:  # outside Ray (unit tests, benchmarks): keep torch's default
+    # Checked first: get_runtime_context() outside Ray would start a whole local Ray instance.
+    if not ray.is_initialized():  # outside Ray (unit tests, benchmarks): keep torch's default
         return
-    torch.set_num_threads(max(1, int(cpus)))
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    if cpus is not None:  # None on a driver, which has no CPUs assigned
+        torch.set_num_threads(max(1, int(cpus)))  # fractional CPUs (0.5) still get one thread
+
+
+def train_epoch(model: torch.nn.Module, batches, optimizer: torch.optim.Optimizer, loss_fn, *,
+                scaler: torch.amp.GradScaler, autocast=nullcontext, l2_penalty: float = 0.0) -> tuple[float, float, int]:
+    """One pass over `batches` of (inputs, labels); returns (mean training loss, accuracy, images seen)."""
+    model.train()
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per batch
+    correct = torch.zeros((), device=device)
+    seen = 0
+    for x, y in batches:
+        with autocast():
+            logits = model(x)
+            loss = loss_fn(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if l2_penalty:
+            scaler.unscale_(optimizer)  # under fp16 the penalty is added to true, not loss-scaled, gradients
+            add_l2_penalty_grad(model.parameters(), l2_penalty)
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.argmax(dim=1) == y).sum()
+        seen += len(y)
+    return (loss_sum / seen).item(), (correct / seen).item(), seen
 
 
 @torch.no_grad()
@@ -134,27 +160,10 @@ def train_trial(config: dict[str, Any], *, base: dict[str, dict[str, Any]], data
 
     epochs = train_cfg["epochs"]
     for epoch in range(start_epoch, epochs + 1):
-        model.train()
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per batch
-        correct = torch.zeros((), device=device)
-        seen = 0
-        for x, y in train_loader:
-            with autocast():
-                logits = model(x)
-                loss = loss_fn(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if optim_cfg["l2_penalty"]:
-                add_l2_penalty_grad(model.parameters(), optim_cfg["l2_penalty"])
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.argmax(dim=1) == y).sum()
-            seen += len(y)
-        train_loss = (loss_sum / seen).item()
-        train_acc = (correct / seen).item()
+        train_loss, train_acc, seen = train_epoch(model, train_loader, optimizer, loss_fn, scaler=scaler,
+                                                  autocast=autocast, l2_penalty=optim_cfg["l2_penalty"])
         epoch_time = time.perf_counter() - t0
         val = evaluate(model, val_loader, loss_fn, dataset.num_classes, autocast)
         metrics = {
