@@ -9,7 +9,6 @@ by its bare name (`lr`); a value is either fixed or a search domain such as `{lo
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 from importlib import resources
@@ -23,6 +22,7 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativ
 from trainables.data import DATASETS
 from trainables.models import MODELS
 from trainables.optim import OPTIMIZERS
+from trainables.train import apply_settings
 
 MAX_TRIALS = 10_000  # a spec that expands past this is almost certainly a typo (e.g. a grid of grids)
 
@@ -280,18 +280,6 @@ class Spec(Strict):
 
 
 # --- checking arm/space values against the settings schema ------------------------------------
-
-def apply_settings(base: dict[str, dict[str, Any]], flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Return a copy of the nested settings with dotted keys (`optim.lr`, `data.augment.hflip`) set."""
-    out = copy.deepcopy(base)
-    for path, value in flat.items():
-        *parents, leaf = path.split(".")
-        node = out
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
-
 
 def _check_values(spec: Spec) -> None:
     """Type-check every fixed value and every domain candidate against its section's schema."""

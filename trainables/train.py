@@ -33,10 +33,8 @@ from trainables.optim import add_l2_penalty_grad, create_loss, create_optimizer,
 CHECKPOINT_FILE = "state.pt"
 
 
-def resolve_settings(base: dict[str, dict[str, Any]], config: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Lay a trial's dotted settings (its arm's, then the shared space's) over the base sections."""
-    flat = {k: v for k, v in config.get("arm", {}).items() if k != "name"}
-    flat.update({k: v for k, v in config.items() if k != "arm"})
+def apply_settings(base: dict[str, dict[str, Any]], flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A copy of the nested settings with dotted keys (`optim.lr`, `data.augment.hflip`) set."""
     settings = copy.deepcopy(base)
     for path, value in flat.items():
         *parents, leaf = path.split(".")
@@ -45,6 +43,13 @@ def resolve_settings(base: dict[str, dict[str, Any]], config: dict[str, Any]) ->
             node = node.setdefault(part, {})
         node[leaf] = value
     return settings
+
+
+def resolve_settings(base: dict[str, dict[str, Any]], config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Lay a trial's dotted settings (its arm's, then the shared space's) over the base sections."""
+    flat = {k: v for k, v in config.get("arm", {}).items() if k != "name"}
+    flat.update({k: v for k, v in config.items() if k != "arm"})
+    return apply_settings(base, flat)
 
 
 def seed_everything(seed: int) -> None:
