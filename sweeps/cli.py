@@ -17,8 +17,22 @@ def cmd_list(args: argparse.Namespace) -> None:
         print(f"{name:36s} {sum(count_trials(spec).values()):5d} trials  {summary}")
 
 
+def overrides(args: argparse.Namespace) -> list[str]:
+    """The --set values, and --name as `name=...`; one key given two values is a conflict, not last-wins."""
+    given = [(f"--set {text}", text) for text in args.set]
+    if getattr(args, "name", None):
+        given.append((f"--name {args.name}", f"name={args.name}"))
+    first: dict[str, tuple[str, str]] = {}
+    for flag, text in given:
+        key, _, value = text.partition("=")
+        if key in first and first[key][1] != value:
+            raise SpecError(f"{first[key][0]} and {flag} conflict: give {key} once")
+        first.setdefault(key, (flag, value))
+    return [text for _, text in given]
+
+
 def cmd_validate(args: argparse.Namespace) -> None:
-    spec, path = load_spec(args.spec, args.set)
+    spec, path = load_spec(args.spec, overrides(args))
     if args.smoke:
         from sweeps.runner import smoke_spec
         spec = smoke_spec(spec)
@@ -35,9 +49,10 @@ def cmd_validate(args: argparse.Namespace) -> None:
                                           f"max_t {sched.max_t or 'epochs'})" if sched.name == "asha" else ""))
     print(f"  resources  {spec.resources.cpu:g} CPU, {spec.resources.gpu:g} GPU per trial")
     print(f"  trials     {sum(trials.values())}")
+    width = max(14, *map(len, trials))
     for arm, settings in spec.arm_settings().items():
         shown = ", ".join(f"{k}={_show(v)}" for k, v in settings.items())
-        print(f"    {arm:14s} {trials[arm]:5d}  {shown}")
+        print(f"    {arm:{width}s} {trials[arm]:5d}  {shown}")
     for key, value in spec.space_settings().items():
         print(f"  space      {key} = {_show(value)}")
     for note in spec.notes:
@@ -50,7 +65,7 @@ def _show(value) -> str:
 
 def cmd_run(args: argparse.Namespace) -> None:
     from sweeps.runner import run_sweep, smoke_spec
-    spec, _ = load_spec(args.spec, args.set + ([f"name={args.name}"] if args.name else []))
+    spec, _ = load_spec(args.spec, overrides(args))
     if args.smoke:
         spec = smoke_spec(spec)
     if spec.protocol:
@@ -75,6 +90,9 @@ def cmd_resume(args: argparse.Namespace) -> None:
 
 def cmd_report(args: argparse.Namespace) -> None:
     from analysis import write_report
+    if args.out:
+        from sweeps.runner import check_writable
+        check_writable(args.out, "--out")
     print(write_report(args.results_dir, args.out))
 
 
@@ -84,6 +102,31 @@ def _report(results_dir: str) -> None:
         return
     from analysis import write_report
     print(f"report: {write_report(results_dir)}")
+
+
+def cmd_submit(args: argparse.Namespace) -> None:
+    from sweeps.cluster import submit_sweep
+    job_id, url = submit_sweep(args.spec, address=args.address, storage=args.storage, overrides=args.set,
+                               smoke=args.smoke, name=args.name)
+    print(f"job {job_id}")
+    print(f"dashboard {url}")
+    print(f"[sweep] follow it with `sweep logs {job_id} --follow`, stop it with `sweep stop {job_id}`",
+          file=sys.stderr)
+
+
+def cmd_jobs(args: argparse.Namespace) -> None:
+    from sweeps.cluster import list_jobs
+    list_jobs(address=args.address)
+
+
+def cmd_logs(args: argparse.Namespace) -> None:
+    from sweeps.cluster import print_logs
+    print_logs(args.job, address=args.address, follow=args.follow)
+
+
+def cmd_stop(args: argparse.Namespace) -> None:
+    from sweeps.cluster import stop_job
+    stop_job(args.job, address=args.address)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -124,6 +167,33 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("results_dir")
     q.add_argument("--out", help="output directory (default: RESULTS_DIR/report)")
     q.set_defaults(func=cmd_report)
+
+    def job_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--address", help="the cluster's dashboard, e.g. http://HEAD:8265 "
+                                         "(default: $RAY_API_SERVER_ADDRESS)")
+
+    q = sub.add_parser("submit", help="run a sweep as a Ray job on a cluster; prints the job id and dashboard URL")
+    spec_args(q)
+    job_args(q)
+    q.add_argument("--storage", required=True, help="where the cluster writes results: an absolute path that every "
+                                                    "node shares, or a URI such as s3://bucket/path")
+    q.add_argument("--name", help="results directory name (default: the spec's name)")
+    q.set_defaults(func=cmd_submit)
+
+    q = sub.add_parser("jobs", help="list the Ray jobs on a cluster")
+    job_args(q)
+    q.set_defaults(func=cmd_jobs)
+
+    q = sub.add_parser("logs", help="print a job's output")
+    q.add_argument("job", help="the job id `sweep submit` printed")
+    q.add_argument("--follow", "-f", action="store_true", help="stream the output until the job ends")
+    job_args(q)
+    q.set_defaults(func=cmd_logs)
+
+    q = sub.add_parser("stop", help="stop a job and wait until it has ended")
+    q.add_argument("job", help="the job id `sweep submit` printed")
+    job_args(q)
+    q.set_defaults(func=cmd_stop)
     return p
 
 

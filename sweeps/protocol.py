@@ -83,7 +83,7 @@ def run_protocol(spec: Spec, *, storage: str | None = None, address: str | None 
         raise SpecError(f"{results_dir}: already exists; continue it with `sweep resume {results_dir}` "
                         "or start over under another --name")
     dataset = prepare_data(spec)
-    start_ray(address, dashboard=dashboard)
+    start_ray(address, dashboard=dashboard, storage=str(results_dir))
     if not resume:
         write_text(str(results_dir / SPEC_FILE), dump_spec(spec))
     counts = count_trials(spec)

@@ -5,12 +5,23 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pyarrow.fs
 import yaml
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search.basic_variant import BasicVariantGenerator
+# Imported here, not in build_tuner: optuna keeps the traceback of a failed optional import, whose frames
+# would then hold build_tuner's locals (the dataset) in the driver for good.
+from ray.tune.search.optuna import OptunaSearch
 
+from sweeps.cluster import check_shared_storage, token_hint, use_token_if_found
 from sweeps.space import OptunaSpace, param_space
 from sweeps.spec import Spec, SpecError, count_trials, dump_spec, validate_spec
 from trainables.data import DataError, Dataset, load_dataset
@@ -25,30 +36,37 @@ def say(message: str) -> None:
 # --- smoke --------------------------------------------------------------------------------------
 
 def smoke_spec(spec: Spec) -> Spec:
-    """The same sweep, small: a data subset, few epochs, small images, at most 2 values per grid."""
+    """The same sweep, small: a data subset, few epochs, small images, at most 2 values per grid, one seed."""
     raw = spec.model_dump(mode="json", by_alias=True)
     raw["smoke"] = True
     raw["data"]["train_subset"] = min(raw["data"]["train_subset"] or 600, 600)
-    raw["data"]["batch_size"] = min(raw["data"]["batch_size"], 64)
+    raw["data"]["batch_size"] = min(max(raw["data"]["batch_size"], 32), 64)  # tiny batches cost a step per few images
     if raw["data"]["resize"]:
         raw["data"]["resize"] = min(raw["data"]["resize"], 64)  # AlexNet's smallest comfortable input
     raw["train"]["epochs"] = min(raw["train"]["epochs"], 3)
+    raw["train"]["checkpoint_every"] = 3  # only the last epoch: a big model's checkpoint costs more than its epoch
     raw["search"]["num_samples"] = min(raw["search"]["num_samples"], 2)
     if raw["scheduler"]["max_t"]:
         raw["scheduler"]["max_t"] = min(raw["scheduler"]["max_t"], 3)
+    raw["resources"] = {"cpu": min(raw["resources"]["cpu"], 1), "gpu": 0}  # what any laptop has
+    caps = {"epochs": 3, "train_subset": raw["data"]["train_subset"]}  # for values an arm or the space sets
 
     def shrink(settings: dict[str, Any]) -> None:
         for key, value in settings.items():
+            name = key.rsplit(".", 1)[-1]
+            cap = caps.get(name)
             if isinstance(value, dict) and "grid" in value:
-                value["grid"] = value["grid"][:2]
-            elif key in ("epochs", "train.epochs") and isinstance(value, int):
-                settings[key] = min(value, 3)
+                kept = value["grid"][:1 if name == "seed" else 2]  # seeds repeat a trial; one shows it runs
+                value["grid"] = [min(v, cap) if cap else v for v in kept]
+            elif cap and isinstance(value, int):
+                settings[key] = min(value, cap)
 
     shrink(raw["space"])
     for arm in raw["arms"].values():
         shrink(arm or {})
-    raw["notes"] = [*raw["notes"], "smoke run: training subset <= 600 images, <= 3 epochs, "
-                    "images <= 64 px, <= 2 values per grid, <= 2 samples"]
+    raw["notes"] = [*raw["notes"], "smoke run: training subset <= 600 images, batches of 32-64, <= 3 epochs, "
+                    "a checkpoint at the last epoch only, images <= 64 px, <= 2 values per grid, 1 seed, "
+                    "<= 2 samples, 1 CPU and no GPU per trial"]
     return validate_spec(raw, f"{spec.name} (smoke)")
 
 
@@ -61,29 +79,60 @@ def storage_uri(storage: str | None) -> str:
 
 
 def _fs(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    return pyarrow.fs.FileSystem.from_uri(uri) if "://" in uri else (pyarrow.fs.LocalFileSystem(), uri)
+    if "://" not in uri:
+        return pyarrow.fs.LocalFileSystem(), uri
+    try:
+        return pyarrow.fs.FileSystem.from_uri(uri)
+    except (ValueError, OSError) as err:  # an unknown scheme, or a bucket that cannot be resolved
+        raise SpecError(f"{uri}: cannot open this storage ({err})") from None
 
 
 def exists(uri: str) -> bool:
     fs, path = _fs(uri)
-    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+    try:
+        return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+    except OSError as err:
+        raise SpecError(f"{uri}: cannot read ({err})") from None
+
+
+def check_writable(directory: str, flag: str = "--storage") -> None:
+    """Exit 2 early if the local `directory` cannot be created or written; creates nothing that stays."""
+    path = Path(directory).expanduser().resolve()
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not existing.is_dir():
+        raise SpecError(f"{flag} {directory}: {existing} is a file, not a directory")
+    try:  # a real probe: os.access says yes to root even where the filesystem says no
+        tempfile.TemporaryDirectory(dir=existing, prefix=".sweep-probe-").cleanup()
+    except OSError as err:
+        raise SpecError(f"{flag} {directory}: not writable (cannot create a directory in {existing}: "
+                        f"{err.strerror})") from None
 
 
 def write_text(uri: str, text: str) -> None:
+    """Write then rename, so a crash never leaves a half-written file."""
     fs, path = _fs(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as out:
+    with fs.open_output_stream(f"{path}.tmp") as out:
         out.write(text.encode())
+    fs.move(f"{path}.tmp", path)
 
 
 def read_spec(results_dir: str) -> Spec:
     """The spec a results directory was run with."""
     uri = f"{results_dir}/{SPEC_FILE}"
+    if not exists(results_dir):
+        raise SpecError(f"{results_dir}: no such directory")
     if not exists(uri):
-        raise SpecError(f"{results_dir}: not a sweep results directory (no {SPEC_FILE})")
+        raise SpecError(f"{results_dir}: not a sweep results directory (no {SPEC_FILE}; "
+                        "`sweep run` writes one into every results directory)")
     fs, path = _fs(uri)
-    with fs.open_input_stream(path) as f:
-        raw = yaml.safe_load(f.read().decode())
+    try:
+        with fs.open_input_stream(path) as f:
+            raw = yaml.safe_load(f.read().decode())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise SpecError(f"{uri}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{uri}: not a spec (a YAML mapping), got {type(raw).__name__}")
     return validate_spec(raw, uri)
 
 
@@ -100,42 +149,52 @@ def check_address(address: str) -> None:
         raise SpecError(f"--address {address}: cannot reach a Ray cluster there ({err})") from None
 
 
-def start_ray(address: str | None, *, dashboard: bool = True) -> None:
+def start_ray(address: str | None, *, dashboard: bool = True, storage: str | None = None) -> None:
+    """Start a local Ray instance, or connect to the cluster at `address` and check it sees `storage`."""
     import ray
 
     if address:
         check_address(address)
+        use_token_if_found()
     try:
         # address="local" starts a fresh instance; never attach to a stale one by accident.
+        # A runtime this process already started (a notebook, the test suite) is used as it is.
         context = ray.init(address=address or "local", include_dashboard=dashboard if not address else None,
-                           configure_logging=False)
+                           configure_logging=False, ignore_reinit_error=True)
     except (ConnectionError, RuntimeError) as err:
-        raise SpecError(f"--address {address}: cannot connect ({str(err).splitlines()[0]})") from None
+        raise SpecError(f"--address {address}: cannot connect ({str(err).splitlines()[0]}); {token_hint()}") from None
     url = context.dashboard_url
     resources = ray.cluster_resources()
     say(f"Ray: {len(ray.nodes())} node(s), {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU"
         + (f"; dashboard http://{url}" if url else ""))
+    if address and storage and "://" not in storage:
+        check_shared_storage(storage)
+
+
+def check_local_fit(spec: Spec) -> None:
+    """A local Ray instance cannot grow: fail now instead of leaving trials waiting for CPUs or GPUs it lacks."""
+    import ray
+
+    for kind, asked in (("CPU", spec.resources.cpu), ("GPU", spec.resources.gpu)):
+        have = ray.cluster_resources().get(kind, 0)
+        if asked > have:
+            raise SpecError(f"resources.{kind.lower()}: each trial asks for {asked:g} {kind} but the local Ray "
+                            f"instance has {have:g}; lower it with --set resources.{kind.lower()}=..., use --smoke "
+                            "(1 CPU, no GPU per trial) or run on a cluster with --address")
 
 
 def build_tuner(spec: Spec, dataset: Dataset, *, storage: str, restore: str | None = None):
     """The Tuner for this spec; `restore` continues the sweep in that results directory."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-    from ray.tune.search.optuna import OptunaSearch
-
     from trainables.train import train_trial
 
-    trainable = tune.with_resources(
+    trainable = trial_actor(tune.with_resources(
         tune.with_parameters(train_trial, base=spec.base_settings(), dataset=dataset),
-        {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+        {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}))
     if restore:
         return tune.Tuner.restore(restore, trainable=trainable, resume_unfinished=True, resume_errored=True)
 
     metric, mode = spec.search.metric, spec.search.mode
     if spec.search.algorithm == "optuna":
-        import optuna
         searcher = OptunaSearch(space=OptunaSpace(spec), metric=metric, mode=mode,
                                 sampler=optuna.samplers.TPESampler(seed=spec.search.seed))
         if spec.search.max_concurrent:
@@ -157,13 +216,55 @@ def build_tuner(spec: Spec, dataset: Dataset, *, storage: str, restore: str | No
         tune_config=tune.TuneConfig(
             metric=metric, mode=mode, search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
             reuse_actors=True,  # 5x less per-trial overhead on small trials (DESIGN.md)
-            trial_dirname_creator=lambda trial: f"{trial.config['arm']['name']}_{trial.trial_id}"),
+            trial_name_creator=trial_name, trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(
             name=spec.name, storage_path=storage,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.run.checkpoint_keep),
             failure_config=tune.FailureConfig(max_failures=spec.run.max_failures),
+            callbacks=[SchedulerState(scheduler)],
             verbose=1),
     )
+
+
+class SchedulerState(tune.Callback):
+    """Saves the scheduler (ASHA's rungs) with Tune's experiment state, and restores it on `sweep resume`.
+
+    Ray 2.60 saves the searcher's state but not the scheduler's: without this, a resumed ASHA sweep
+    judges every trial against empty rungs and lets through trials it would have stopped. Tune pickles
+    this callback and the scheduler together in tuner.pkl, so after a restore both still share one object.
+    """
+
+    def __init__(self, scheduler) -> None:
+        self.scheduler = scheduler
+
+    def get_state(self) -> dict:
+        return {"scheduler": dict(vars(self.scheduler))}
+
+    def set_state(self, state: dict) -> None:
+        vars(self.scheduler).update(state["scheduler"])
+
+
+def trial_name(trial) -> str:
+    """`{arm}_{trial id}`: the trial's directory, its name in Tune's progress table and its actor's in Ray's dashboard."""
+    return f"{trial.config['arm']['name']}_{trial.trial_id}"
+
+
+def trial_actor(train_fn) -> type:
+    """Tune's actor class for the function trainable, named after its trial in Ray's dashboard.
+
+    Ray shows an actor's repr in the dashboard (Actors page, "Repr" column) and as the prefix of its log
+    lines. Ray reads it once, when the actor starts: an actor Tune reuses for later trials keeps the
+    name of its first.
+    """
+    from ray.tune.trainable import wrap_function
+
+    class SweepTrial(wrap_function(train_fn)):
+        __qualname__ = "SweepTrial"  # the dashboard's Class column shows the qualified name
+
+        def __repr__(self) -> str:
+            return self.trial_name
+
+    return SweepTrial
 
 
 def max_epochs(spec: Spec) -> int:
@@ -201,37 +302,76 @@ def run_sweep(spec: Spec, *, storage: str | None = None, address: str | None = N
         raise SpecError(f"{results_dir}: already exists; continue it with `sweep resume {results_dir}` "
                         "or start over under another --name")
     if "://" not in storage:
-        Path(storage).mkdir(parents=True, exist_ok=True)
-        if not os.access(storage, os.W_OK):
-            raise SpecError(f"--storage {storage}: not writable")
+        check_writable(storage)
     dataset = prepare_data(spec)
     if spec.smoke and dataset.note:
         spec.notes = [*spec.notes, dataset.note]
     if spec.scheduler.name == "asha" and not spec.scheduler.max_t:
         spec.scheduler.max_t = max_epochs(spec)  # the spec as run states the rung ladder in full
-    start_ray(address, dashboard=dashboard)
+    start_ray(address, dashboard=dashboard, storage=storage)
+    if not address:
+        check_local_fit(spec)
     write_text(f"{results_dir}/{SPEC_FILE}", dump_spec(spec))
     trials = count_trials(spec)
     say(f"{spec.name}: {sum(trials.values())} trials ({', '.join(f'{a} {n}' for a, n in trials.items())}); "
         f"results in {results_dir}")
     tuner = build_tuner(spec, dataset, storage=storage)
+    del dataset  # trials read the object store's copy; the driver's own would pay for the data twice
     print_best_per_arm(tuner.fit(), spec)
     return results_dir
 
 
 def resume_sweep(results_dir: str, *, address: str | None = None, dashboard: bool = True) -> str:
-    """Continue an interrupted sweep in `results_dir`: finished trials stay, the rest carry on."""
+    """Continue an interrupted sweep in `results_dir`: finished trials stay as they are, unfinished ones
+    continue from their last checkpoint (errored ones get one more try), the rest start.
+    Raises SpecError before starting anything."""
     results_dir = storage_uri(results_dir)
     spec = read_spec(results_dir)
+    if not work_left(results_dir, spec):
+        say(f"{results_dir}: every trial has finished; nothing to resume")
+        return results_dir
     dataset = prepare_data(spec)
-    start_ray(address, dashboard=dashboard)
-    from ray import tune
-    if not tune.Tuner.can_restore(results_dir):
-        raise SpecError(f"{results_dir}: has a spec but no Ray Tune state to resume from")
+    start_ray(address, dashboard=dashboard, storage=results_dir)
+    if not address:
+        check_local_fit(spec)
     say(f"resuming {spec.name} from {results_dir}")
     tuner = build_tuner(spec, dataset, storage=results_dir.rsplit("/", 1)[0], restore=results_dir)
+    del dataset  # trials read the object store's copy; the driver's own would pay for the data twice
     print_best_per_arm(tuner.fit(), spec)
     return results_dir
+
+
+def work_left(results_dir: str, spec: Spec) -> bool:
+    """Whether the sweep in `results_dir` has trials left to run. Raises SpecError when there is no Tune
+    state, or when a checkpoint that an unfinished trial would continue from cannot be read."""
+    if not tune.Tuner.can_restore(results_dir):
+        raise SpecError(f"{results_dir}: has a {SPEC_FILE} but no Ray Tune state to resume from (the sweep "
+                        "stopped before Tune saved any); delete the directory and `sweep run` again")
+    trials = tune.ExperimentAnalysis(results_dir).trials
+    unfinished = [t for t in trials if t.status != "TERMINATED"]
+    if "://" not in results_dir:  # on object storage, checking would download every checkpoint
+        for trial in unfinished:
+            if trial.checkpoint:
+                check_checkpoint(Path(trial.checkpoint.path))
+    return bool(unfinished) or len(trials) < sum(count_trials(spec).values())
+
+
+def check_checkpoint(folder: Path) -> None:
+    """A torch checkpoint is a zip archive: test every member's CRC, without unpickling anything."""
+    from trainables.train import CHECKPOINT_FILE
+
+    path = folder / CHECKPOINT_FILE
+    if not path.exists():
+        return  # deleted on purpose: the trial trains again from epoch 1 (trainables.train.load_checkpoint)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+        problem = f"member {bad} fails its CRC check" if bad else None
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        problem = str(err)
+    if problem:
+        raise SpecError(f"{path}: corrupted checkpoint ({problem}); delete this file and resume again "
+                        "to train that trial again from epoch 1")
 
 
 def print_best_per_arm(results, spec: Spec) -> None:
@@ -250,3 +390,8 @@ def print_best_per_arm(results, spec: Spec) -> None:
     print(f"\nBest trial per arm by {metric} ({mode}), {len(frame)} trials"
           + (f", {errors} errored" if errors else "") + ":")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    for result in results:
+        if result.error:
+            first_line = next(iter(str(result.error).strip().splitlines()), type(result.error).__name__)
+            say(f"errored after {spec.run.max_failures} retries: {result.path} ({first_line}); "
+                f"traceback in its error.txt; `sweep resume` retries it")

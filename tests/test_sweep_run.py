@@ -73,13 +73,14 @@ def test_missing_data_dir_exits_2_naming_it(tmp_path, tiny_spec):
 
 
 def test_asha_stops_the_hopeless_arm_early(tmp_path, tiny_spec):
-    # The good arm runs first (grid order), so by the time the hopeless arm (lr 1e-7: it cannot
-    # learn in 4 epochs) reaches a rung there are better results recorded there and ASHA cuts it.
+    # One trial at a time in grid order (good s0, hopeless s0, good s1, ...), so whenever the hopeless
+    # arm (lr 1e-7: it cannot learn in 4 epochs) reaches a rung, a good result is already recorded
+    # there and ASHA cuts it, however loaded the machine is.
     tiny_spec.update(
         train={"epochs": 4},
         arms={"good": {"optimizer": "adam", "lr": 0.003}, "hopeless": {"optimizer": "sgd", "lr": 1.0e-7}},
         space={"seed": {"grid": [0, 1, 2]}},
-        search={"max_concurrent": 2},
+        search={"max_concurrent": 1},
         scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2},
     )
     run_ok("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path / "results"))

@@ -1,0 +1,170 @@
+"""Bad input, tried on purpose: every case exits with status 2 and one line naming what is wrong,
+starts no Ray, and leaves every file as it was.
+
+The table runs through `sweeps.cli.main` in this process (the `sweep` entry point minus the process
+boundary: one import of torch/Ray instead of one per case); one case at the end runs as a real
+process to pin the exit status and the single stderr line. A corrupted checkpoint needs a real
+interrupted sweep: that case is in tests/test_reliability.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import ray
+
+from conftest import run_cli, write_spec
+from sweeps.cli import main
+
+# (id, argv with {ws} for the workspace folder, text the one-line error must contain, with {ws} too)
+CASES = [
+    # the spec file
+    ("malformed YAML", ["run", "{ws}/malformed.yaml"], "malformed.yaml: line 3: not valid YAML"),
+    ("YAML list, not a mapping", ["run", "{ws}/list.yaml"], "list.yaml: a spec is a YAML mapping"),
+    ("empty file", ["validate", "{ws}/empty.yaml"], "empty.yaml: a spec is a YAML mapping"),
+    ("wrong type in the file", ["run", "{ws}/wrong-type.yaml"], "train.epochs: Input should be a valid integer"),
+    ("spec file missing", ["run", "{ws}/nowhere.yaml"], "{ws}/nowhere.yaml: no such file"),
+    ("unknown bundled spec", ["run", "no-such-spec"], "no-such-spec: not a file and not a bundled spec"),
+    # --set: wrong types, unknown names, impossible values
+    ("wrong type by --set", ["run", "{ws}/good.yaml", "--set", "train.epochs=three"],
+     "train.epochs: Input should be a valid integer"),
+    ("unknown key", ["run", "{ws}/good.yaml", "--set", "train.epochz=3"], "train.epochz: unknown key"),
+    ("unknown dataset", ["run", "{ws}/good.yaml", "--set", "data.name=imagenet"],
+     "data.name: unknown dataset 'imagenet'"),
+    ("unknown optimizer in an arm", ["run", "{ws}/good.yaml", "--set", "arms.sgd.optimizer=lion"],
+     "arms.sgd.optim.optimizer: unknown optimizer 'lion'"),
+    ("unknown scheduler", ["run", "{ws}/good.yaml", "--set", "scheduler.name=pbt"],
+     "scheduler.name: Input should be 'fifo' or 'asha'"),
+    ("zero learning rate", ["run", "{ws}/good.yaml", "--set", "optim.lr=0"], "optim.lr: Input should be greater than 0"),
+    ("validation fraction > 1", ["run", "{ws}/good.yaml", "--set", "data.val_split=1.5"],
+     "data.val_split: must be a fraction in (0, 1)"),
+    ("ASHA that never reduces", ["run", "{ws}/good.yaml", "--set", "scheduler.reduction_factor=1"],
+     "scheduler.reduction_factor: Input should be greater than 1"),
+    ("negative retry budget", ["run", "{ws}/good.yaml", "--set", "run.max_failures=-1"],
+     "run.max_failures: Input should be greater than or equal to 0"),
+    ("keep no checkpoints", ["run", "{ws}/good.yaml", "--set", "run.checkpoint_keep=0"],
+     "run.checkpoint_keep: Input should be greater than 0"),
+    ("zero trials: an empty grid", ["run", "{ws}/good.yaml", "--set", "space={seed: {grid: []}}"],
+     "space.seed: grid: must list at least one value"),
+    ("zero trials: no samples", ["run", "{ws}/good.yaml", "--set", "search.num_samples=0"],
+     "search.num_samples: Input should be greater than 0"),
+    ("millions of trials", ["run", "{ws}/good.yaml", "--set", "search.num_samples=1000000"],
+     "expands to 2,000,000 trials (limit 10,000)"),
+    ("--set without =", ["run", "{ws}/good.yaml", "--set", "train.epochs"], "--set train.epochs: expected KEY=VALUE"),
+    ("--set value not YAML", ["run", "{ws}/good.yaml", "--set", "train.epochs=[1"],
+     "--set train.epochs=[1: the value is not valid YAML"),
+    ("--set through a number", ["run", "{ws}/good.yaml", "--set", "train.epochs.x=1"],
+     "--set train.epochs.x=1: epochs is not a mapping"),
+    ("--name not a directory name", ["run", "{ws}/good.yaml", "--name", "a/b"], "name: String should match pattern"),
+    # conflicting flags
+    ("--name against --set name=", ["run", "{ws}/good.yaml", "--set", "name=a", "--name", "b"],
+     "--set name=a and --name b conflict: give name once"),
+    ("one key set twice", ["validate", "{ws}/good.yaml", "--set", "train.epochs=2", "--set", "train.epochs=3"],
+     "--set train.epochs=2 and --set train.epochs=3 conflict: give train.epochs once"),
+    # where results go
+    ("results dir already there", ["run", "{ws}/good.yaml", "--storage", "{ws}/earlier"],
+     "{ws}/earlier/tiny: already exists; continue it with `sweep resume {ws}/earlier/tiny`"),
+    ("--storage is a file", ["run", "{ws}/good.yaml", "--storage", "{ws}/a-file"],
+     "--storage {ws}/a-file: {ws}/a-file is a file, not a directory"),
+    ("--storage below a file", ["run", "{ws}/good.yaml", "--storage", "{ws}/a-file/results"],
+     "{ws}/a-file is a file, not a directory"),
+    ("--storage not writable", ["run", "{ws}/good.yaml", "--storage", "/proc/sweep-results"],
+     "--storage /proc/sweep-results: not writable (cannot create a directory in /proc"),
+    ("--storage of an unknown kind", ["run", "{ws}/good.yaml", "--storage", "nfs://host/sweeps"],
+     "nfs://host/sweeps/tiny: cannot open this storage"),
+    ("data directory missing", ["run", "{ws}/good.yaml", "--set", "data.name=cifar10",
+                                "--set", "data.data_dir={ws}/no-data"], "{ws}/no-data"),
+    ("cluster nobody answers", ["run", "{ws}/good.yaml", "--address", "127.0.0.1:1"],
+     "--address 127.0.0.1:1: cannot reach a Ray cluster there"),
+    # the command line itself (argparse)
+    ("unknown command", ["start", "{ws}/good.yaml"], "invalid choice: 'start'"),
+    ("run without a spec", ["run"], "the following arguments are required: spec"),
+    ("unknown flag", ["run", "{ws}/good.yaml", "--epochs", "3"], "unrecognized arguments: --epochs 3"),
+    # resume and report of directories that are not a sweep's
+    ("resume: no such directory", ["resume", "{ws}/nowhere"], "{ws}/nowhere: no such directory"),
+    ("resume: another tool's directory", ["resume", "{ws}/other-tool"],
+     "{ws}/other-tool: not a sweep results directory (no spec.yaml"),
+    ("resume: no Tune state", ["resume", "{ws}/spec-only"],
+     "{ws}/spec-only: has a spec.yaml but no Ray Tune state to resume from"),
+    ("resume: spec.yaml not YAML", ["resume", "{ws}/broken-spec"], "{ws}/broken-spec/spec.yaml: not valid YAML"),
+    ("resume: spec.yaml edited wrong", ["resume", "{ws}/edited-spec"],
+     "{ws}/edited-spec/spec.yaml: optim.lr: Input should be greater than 0"),
+    ("report: no such directory", ["report", "{ws}/nowhere"], "{ws}/nowhere: no such directory"),
+    ("report: another tool's directory", ["report", "{ws}/other-tool"], "{ws}/other-tool: not a sweep results directory"),
+    ("report: --out is a file", ["report", "{ws}/earlier/tiny", "--out", "{ws}/a-file"],
+     "--out {ws}/a-file: {ws}/a-file is a file, not a directory"),
+]
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_spec, monkeypatch) -> Path:
+    """Specs and directories for the cases; the working directory too, so a default ./results lands here."""
+    write_spec(tmp_path, tiny_spec, "good.yaml")
+    (tmp_path / "malformed.yaml").write_text("name: x\ndata: {name: mnist5k\nmodel: mlp\n")
+    (tmp_path / "list.yaml").write_text("- name: x\n- data: {}\n")
+    (tmp_path / "empty.yaml").write_text("")
+    write_spec(tmp_path, {**tiny_spec, "train": {"epochs": "three"}}, "wrong-type.yaml")
+    (tmp_path / "a-file").write_text("not a directory")
+    (tmp_path / "earlier" / "tiny").mkdir(parents=True)
+    (tmp_path / "earlier" / "tiny" / "result.json").write_text('{"epoch": 1}\n')
+    (tmp_path / "other-tool").mkdir()
+    (tmp_path / "other-tool" / "events.out.tfevents.1").write_bytes(b"\x00\x01")
+    (tmp_path / "other-tool" / "experiment_state-2024.json").write_text("{}")
+    (tmp_path / "spec-only").mkdir()
+    write_spec(tmp_path / "spec-only", tiny_spec)
+    (tmp_path / "broken-spec").mkdir()
+    (tmp_path / "broken-spec" / "spec.yaml").write_text("name: [unclosed\n")
+    (tmp_path / "edited-spec").mkdir()
+    write_spec(tmp_path / "edited-spec", {**tiny_spec, "optim": {"lr": -1}})
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file and directory under `folder`, with a hash of each file's bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+def sweep(argv: list[str], capsys) -> tuple[int, str]:
+    """Run the `sweep` entry point in this process; returns (exit status, stderr)."""
+    try:
+        status = main(argv)
+    except SystemExit as exit:  # argparse's own errors
+        status = exit.code
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_with_one_line_and_no_side_effects(argv, message, workspace, capsys):
+    if argv[-1].startswith("/proc") and not Path("/proc").is_dir():
+        pytest.skip("needs Linux's /proc for a directory nobody can write")
+    fill = lambda text: text.replace("{ws}", str(workspace))  # noqa: E731
+    before = snapshot(workspace)
+    status, err = sweep([fill(a) for a in argv], capsys)
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert status == 2, err
+    assert len(errors) == 1 and fill(message) in errors[0], err
+    assert snapshot(workspace) == before, "a bad input must not create or change any file"
+
+
+@pytest.fixture(autouse=True)
+def ray_must_not_start(monkeypatch):
+    """Every case must be refused before Ray starts (ray.init would fail the case)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a bad input must be refused before Ray starts")
+    monkeypatch.setattr(ray, "init", refuse)
+
+
+def test_the_table_is_big_enough():
+    assert len(CASES) >= 25
+
+
+def test_a_real_process_exits_2_with_one_stderr_line(workspace):
+    done = run_cli("run", str(workspace / "good.yaml"), "--set", "optim.lr=0", "--storage", str(workspace / "out"))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"sweep: error: {workspace / 'good.yaml'}: optim.lr: Input should be greater than 0"]
+    assert not (workspace / "out").exists()

@@ -1,0 +1,202 @@
+"""Reliability with real processes: a driver killed with SIGKILL and resumed, a trial's worker killed
+mid-training and retried from its checkpoint, a diverging arm, a corrupted checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from ray import tune
+
+from conftest import REPO, run_cli, trial_results, write_spec
+from trainables.train import CHECKPOINT_FILE, load_checkpoint
+
+# Fields that differ between two runs of the same trial (timing, process, Tune's own bookkeeping).
+VOLATILE = {"epoch_time_s", "samples_per_s", "time_this_iter_s", "time_total_s", "timestamp", "date", "pid",
+            "time_since_restore", "iterations_since_restore", "trial_id", "experiment_tag", "checkpoint_dir_name",
+            "hostname", "node_ip", "config", "done", "training_iteration"}
+
+
+def reliability_spec(**changes) -> dict:
+    """About a second per epoch on 2 cores: slow enough to land a kill between two epochs."""
+    spec = {
+        "name": "rel",
+        "data": {"name": "mnist5k", "batch_size": 50, "augment": {"crop_padding": 2, "hflip": True}},
+        "model": {"name": "mlp", "hidden_sizes": [1024, 1024]},
+        "train": {"epochs": 4},
+        "search": {"max_concurrent": 1},  # one trial at a time: a fixed order, and a quiet moment to kill in
+    }
+    return {**spec, **changes}
+
+
+def start_sweep(log: Path, *args: str) -> subprocess.Popen:
+    """`sweep ARGS` in its own process group (so that the test can end what it leaves behind), output to `log`."""
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "sweeps.cli", *args, "--no-dashboard"], cwd=REPO,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(process: subprocess.Popen, log: Path) -> None:
+    assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
+
+
+def rows_of(results_dir: Path, prefix: str) -> list[dict]:
+    """The result rows on disk of the first trial whose directory starts with `prefix` (none yet: [])."""
+    return next((rows for name, rows in trial_results(results_dir).items() if name.startswith(prefix)), [])
+
+
+def reached(results_dir: Path, prefix: str, epoch: int) -> list[dict] | None:
+    """The trial's rows once it has reported `epoch`, else None."""
+    rows = rows_of(results_dir, prefix)
+    return rows if rows and rows[-1]["epoch"] >= epoch else None
+
+
+def wait_for(condition, timeout: float = 300):
+    """Poll `condition` until it returns something true, and return that."""
+    start = time.monotonic()
+    while True:
+        try:
+            value = condition()
+        except ValueError:  # a result file caught while Tune copies it: a half line of JSON
+            value = None
+        if value:
+            return value
+        assert time.monotonic() - start < timeout, "timed out"
+        time.sleep(0.02)
+
+
+def comparable(results_dir: Path) -> dict[str, list[dict]]:
+    """Trial (arm and index) -> its rows without the fields that differ between runs; a resumed epoch
+    that was reported twice counts once (the later row), as in the report."""
+    out = {}
+    for name, rows in trial_results(results_dir).items():
+        by_epoch = {row["epoch"]: {k: v for k, v in row.items() if k not in VOLATILE} for row in rows}
+        out[f"{name.split('_')[0]}_{name[-5:]}"] = [by_epoch[e] for e in sorted(by_epoch)]
+    return out
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_the_uninterrupted_results(tmp_path):
+    # good_0 and good_1, then two hopeless trials that ASHA stops at the first rung, but only if it
+    # still remembers the good trials' rungs after the resume (Ray 2.60 does not save scheduler state).
+    spec = write_spec(tmp_path, reliability_spec(
+        arms={"good": {"optimizer": "adam", "lr": 0.003, "seed": {"grid": [0, 1]}},
+              "hopeless": {"optimizer": "sgd", "lr": 1.0e-7, "seed": {"grid": [0, 1]}}},
+        scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2}))
+    # The uninterrupted run and the one to kill run side by side: each trial uses one CPU.
+    reference = start_sweep(tmp_path / "reference.log", "run", str(spec), "--storage", str(tmp_path / "reference"))
+    results = tmp_path / "killed" / "rel"
+    driver = start_sweep(tmp_path / "killed.log", "run", str(spec), "--storage", str(tmp_path / "killed"))
+    try:  # kill when good_0 has finished and good_1 is midway (the hopeless trials have not started)
+        wait_for(lambda: sorted(map(len, trial_results(results).values())) in ([2, 4], [3, 4]))
+        time.sleep(0.3)  # let Tune finish copying its state for this epoch; the next one is ~1 s away
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+        finish(reference, tmp_path / "reference.log")
+    finally:
+        kill_group(driver)
+        kill_group(reference)
+    at_kill = {name: (results / name / "result.json").read_bytes() for name in trial_results(results)}
+    finished, unfinished = sorted(at_kill, key=lambda name: -len(trial_results(results)[name]))
+    epochs_at_kill = len(trial_results(results)[unfinished])
+    # Ray's workers are not in the driver's process group: the orphaned one trains on for a few seconds,
+    # writing checkpoints nobody registered, then exits on its own once it notices its raylet is gone.
+    wait_for(lambda: not running(trial_results(results)[unfinished][-1]["pid"]), timeout=120)
+
+    # A corrupted checkpoint is found before anything starts, named, and left for the user to decide on.
+    last = trial_results(results)[unfinished][-1]
+    checkpoint = results / unfinished / last["checkpoint_dir_name"] / CHECKPOINT_FILE
+    intact = checkpoint.read_bytes()
+    checkpoint.write_bytes(intact[:1000] + bytes(b ^ 0xFF for b in intact[1000:1100]) + intact[1100:])
+    before = {p: p.stat().st_mtime_ns for p in results.rglob("*")}
+    refused = run_cli("resume", str(results), "--no-dashboard")
+    assert refused.returncode == 2
+    [line] = refused.stderr.strip().splitlines()
+    assert line.startswith(f"sweep: error: {checkpoint}: corrupted checkpoint (")
+    assert line.endswith("; delete this file and resume again to train that trial again from epoch 1")
+    assert {p: p.stat().st_mtime_ns for p in results.rglob("*")} == before
+    checkpoint.write_bytes(intact)
+
+    resumed = run_cli("resume", str(results), "--no-dashboard")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (results / finished / "result.json").read_bytes() == at_kill[finished], "finished trials stay as they were"
+    rows = trial_results(results)[unfinished]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4], "the unfinished trial continues from its checkpoint"
+    assert rows[epochs_at_kill]["iterations_since_restore"] == 1 and rows[epochs_at_kill]["pid"] != rows[0]["pid"]
+    assert comparable(results) == comparable(tmp_path / "reference" / "rel")  # same trials, same metrics, ASHA too
+    assert [len(rows) for name, rows in sorted(trial_results(results).items()) if "hopeless" in name] == [1, 1]
+
+    again = run_cli("resume", str(results), "--no-dashboard")
+    assert again.returncode == 0 and "nothing to resume" in again.stderr
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_retried_from_its_checkpoint_until_the_budget_is_spent(tmp_path):
+    spec = write_spec(tmp_path, reliability_spec(
+        train={"epochs": 5},
+        arms={"sgd": {"optimizer": "sgd", "lr": 0.1}, "adam": {"optimizer": "adam", "lr": 0.003}},
+        run={"max_failures": 1}))
+    results = tmp_path / "results" / "rel"
+    driver = start_sweep(tmp_path / "run.log", "run", str(spec), "--storage", str(tmp_path / "results"))
+    try:
+        for after_epoch in (2, 4):  # the first kill is retried; the second exceeds max_failures: 1
+            rows = wait_for(lambda: reached(results, "sgd_", after_epoch))
+            os.kill(rows[-1]["pid"], signal.SIGKILL)  # the trial's actor process, as Tune recorded it
+        finish(driver, tmp_path / "run.log")
+    finally:
+        kill_group(driver)
+
+    sgd, adam = rows_of(results, "sgd_"), rows_of(results, "adam_")
+    epochs = [r["epoch"] for r in sgd]
+    assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) < 5, epochs
+    retried = next(i for i, r in enumerate(sgd) if r["pid"] != sgd[0]["pid"])
+    assert sgd[retried]["epoch"] == sgd[retried - 1]["epoch"] + 1 > 2, "the retry continues, it does not restart"
+    assert sgd[retried]["iterations_since_restore"] == 1
+    assert "Failure # 2" in next(results.glob("sgd_*/error.txt")).read_text()
+    assert [r["epoch"] for r in adam] == [1, 2, 3, 4, 5], "the rest of the sweep finishes"
+    trials = pd.read_csv(results / "report" / "trials.csv").set_index("arm")
+    assert trials.loc["sgd", "status"] == "error" and trials.loc["adam", "status"] == "completed"
+
+
+@pytest.mark.slow
+def test_a_diverging_arm_stops_cleanly_and_the_report_says_so(tmp_path, tiny_spec):
+    tiny_spec.update(train={"epochs": 3},
+                     arms={"sane": {"optimizer": "sgd", "lr": 0.1}, "absurd": {"optimizer": "sgd", "lr": 1.0e10}})
+    done = run_cli("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path), "--no-dashboard")
+    assert done.returncode == 0, done.stderr[-3000:]
+    absurd, sane = rows_of(tmp_path / "tiny", "absurd_"), rows_of(tmp_path / "tiny", "sane_")
+    assert [r["diverged"] for r in absurd] == [True], "stops at the first non-finite epoch"
+    assert [r["epoch"] for r in sane] == [1, 2, 3] and not any(r["diverged"] for r in sane)
+    trials = pd.read_csv(tmp_path / "tiny" / "report" / "trials.csv").set_index("arm")
+    assert trials.loc["absurd", "diverged"] and trials.loc["absurd", "status"] == "diverged"
+    assert not trials.loc["sane", "diverged"] and trials.loc["sane", "status"] == "completed"
+    comparison = pd.read_csv(tmp_path / "tiny" / "report" / "comparison.csv").set_index("arm")
+    assert comparison.loc["absurd", "n_diverged"] == 1 and comparison.loc["sane", "n_diverged"] == 0
+
+
+def test_a_checkpoint_without_its_file_trains_from_epoch_1(tmp_path):
+    # What `sweep resume` tells the user to do with a corrupted checkpoint: delete the file.
+    assert load_checkpoint(tune.Checkpoint.from_directory(str(tmp_path)), device="cpu") is None
+    assert load_checkpoint(None, device="cpu") is None
+
+
+def running(pid: int) -> bool:
+    """Whether the process is alive (a zombie nobody reaps counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """End a driver the test leaves behind (when an assertion fails midway) and its process group."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
