@@ -187,6 +187,9 @@ def build_tuner(spec: Spec, dataset: Dataset, *, storage: str, restore: str | No
     """The Tuner for this spec; `restore` continues the sweep in that results directory."""
     from trainables.train import train_trial
 
+    # Tune snapshots its state after every checkpoint (what keeps `sweep resume` exact) and warns that
+    # this is frequent; for epochs of seconds it is the intended cadence, not a problem.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     trainable = trial_actor(tune.with_resources(
         tune.with_parameters(train_trial, base=spec.base_settings(), dataset=dataset),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}))

@@ -399,6 +399,10 @@ def load_spec(spec: str, overrides: list[str] = ()) -> tuple[Spec, Path]:
         raise SpecError(f"{path}:{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
     except OSError as err:
         raise SpecError(f"{path}: cannot read ({err.strerror})") from None
+    if raw is None:
+        raise SpecError(f"{path}: the file is empty; a spec needs at least `name:` (see `sweep list` for examples)")
+    if raw is None:
+        raise SpecError(f"{path}: the file is empty; a spec needs at least `name:` (see `sweep list` for examples)")
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a spec is a YAML mapping (name:, data:, model:, ...), got {type(raw).__name__}")
     for text in overrides:

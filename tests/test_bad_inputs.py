@@ -23,7 +23,7 @@ CASES = [
     # the spec file
     ("malformed YAML", ["run", "{ws}/malformed.yaml"], "malformed.yaml: line 3: not valid YAML"),
     ("YAML list, not a mapping", ["run", "{ws}/list.yaml"], "list.yaml: a spec is a YAML mapping"),
-    ("empty file", ["validate", "{ws}/empty.yaml"], "empty.yaml: a spec is a YAML mapping"),
+    ("empty file", ["validate", "{ws}/empty.yaml"], "empty.yaml: the file is empty; a spec needs at least `name:`"),
     ("wrong type in the file", ["run", "{ws}/wrong-type.yaml"], "train.epochs: Input should be a valid integer"),
     ("spec file missing", ["run", "{ws}/nowhere.yaml"], "{ws}/nowhere.yaml: no such file"),
     ("unknown bundled spec", ["run", "no-such-spec"], "no-such-spec: not a file and not a bundled spec"),
