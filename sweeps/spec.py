@@ -115,6 +115,9 @@ class TrainSettings(Strict):
     cudnn_benchmark: bool = False                       # let cuDNN pick the fastest conv algorithms
 
 
+# Data settings applied when the dataset is decoded, once per sweep: an arm or the space cannot change them.
+LOADED_ONCE = {f"data.{k}" for k in ("name", "data_dir", "download", "val_split", "split_seed", "normalize")}
+
 SECTIONS: dict[str, type[Strict]] = {
     "data": DataSettings, "model": ModelSettings, "optim": OptimSettings, "train": TrainSettings}
 
@@ -299,6 +302,10 @@ def _check_values(spec: Spec) -> None:
     for arm, settings in arms.items():
         for path in settings.keys() & shared.keys():
             raise ValueError(f"arms.{arm}.{path}: also set in space; set it in one place")
+        for where, values in ((f"arms.{arm}", settings), ("space", shared)):
+            for path in values.keys() & LOADED_ONCE:
+                raise ValueError(f"{where}.{path}: the dataset is loaded once for the whole sweep, so this "
+                                 f"cannot change per trial; set it in the data section (or run one sweep per value)")
         fixed = {**_fixed(shared), **_fixed(settings)}
 
         def where(path: str) -> str:

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from trainables.metrics import accuracy, confusion_matrix, expected_calibration_error, weight_l2
+from trainables.metrics import accuracy, confusion_matrix, expected_calibration_error, per_class_scores, weight_l2
 
 
 def test_accuracy_counts_argmax_hits():
@@ -64,3 +64,17 @@ def test_confusion_matrix_rejects_out_of_range_classes():
         confusion_matrix(torch.tensor([3]), torch.tensor([0]), num_classes=3)
     nothing = torch.tensor([], dtype=torch.long)
     assert confusion_matrix(nothing, nothing, num_classes=2).tolist() == [[0, 0], [0, 0]]
+
+
+def test_per_class_scores_match_sklearn_classification_report():
+    from sklearn.metrics import precision_recall_fscore_support
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 5, (300,), generator=generator)
+    preds = torch.where(torch.rand(300, generator=generator) < 0.6, labels, torch.randint(0, 4, (300,), generator=generator))
+    preds[preds == 4] = 3  # class 4 is never predicted: its precision is 0, not NaN
+    scores = per_class_scores(confusion_matrix(preds, labels, num_classes=6))  # class 5 never occurs at all
+    expected = precision_recall_fscore_support(labels, preds, labels=range(6), zero_division=0)
+    for name, values in zip(["precision", "recall", "f1", "support"], expected, strict=True):
+        assert scores[name] == pytest.approx(values.tolist())
+    assert scores["precision"][4] == 0 and scores["support"][5] == 0

@@ -25,6 +25,7 @@ def linear(n_in: int, n_out: int) -> int:
     ("overparam_cnn", 1, 28, 10),
     ("alexnet", 1, 224, 10),
     ("alexnet_cifar", 3, 32, 100),
+    ("lenet_cifar", 3, 32, 100),
 ])
 def test_output_shape_at_natural_input_size(name, in_channels, image_size, num_classes):
     model = create_model(name, in_channels=in_channels, num_classes=num_classes, image_size=image_size)
@@ -93,9 +94,19 @@ def test_alexnet_cifar_parameter_count():
         create_model("alexnet_cifar", in_channels=3, num_classes=100, image_size=28)
 
 
+def test_lenet_cifar_is_seed_001_bumunet_parameter_count():
+    model = create_model("lenet_cifar", in_channels=3, num_classes=100, image_size=32)
+    expected = conv(3, 6, 5) + conv(6, 16, 5) + linear(16 * 5 * 5, 120) + linear(120, 84) + linear(84, 100)
+    assert n_params(model) == expected == 69_656
+    smallest = create_model("lenet_cifar", in_channels=3, num_classes=100, image_size=16)
+    assert smallest(torch.randn(1, 3, 16, 16)).shape == (1, 100)
+    with pytest.raises(ValueError, match="image_size >= 16"):
+        create_model("lenet_cifar", in_channels=3, num_classes=100, image_size=15)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_xavier_init_zero_biases_and_weights_within_bound(name):
-    size = {"alexnet": 64, "alexnet_cifar": 32}.get(name, 28)
+    size = {"alexnet": 64, "alexnet_cifar": 32, "lenet_cifar": 32}.get(name, 28)
     model = create_model(name, in_channels=1, num_classes=10, image_size=size, init="xavier")
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     assert layers
@@ -115,7 +126,7 @@ def test_default_init_keeps_pytorch_biases():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"name": "resnet"}, "unknown model 'resnet'; valid: mlp, overparam_cnn, alexnet, alexnet_cifar"),
+    ({"name": "resnet"}, "unknown model 'resnet'; valid: mlp, overparam_cnn, alexnet, alexnet_cifar, lenet_cifar"),
     ({"name": "mlp", "activation": "gelu"},
      "unknown activation 'gelu'; valid: relu, leaky_relu, tanh, sigmoid"),
     ({"name": "mlp", "init": "kaiming"}, "unknown init 'kaiming'; valid: default, xavier"),

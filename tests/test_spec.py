@@ -48,6 +48,8 @@ BAD = [  # (spec changes, text the one-line error must contain)
     ({"scheduler": {"name": "hyperband"}}, "scheduler.name: Input should be 'fifo' or 'asha'"),
     ({"resources": {"gpu": -1}}, "resources.gpu: Input should be greater than or equal to 0"),
     ({"compare_by": ["nope"]}, "compare_by: unknown setting 'nope'"),
+    ({"arms": {"a": {"normalize": "pixel"}}}, "arms.a.data.normalize: the dataset is loaded once"),
+    ({"space": {"data.name": {"grid": ["mnist5k", "digits"]}}}, "space.data.name: the dataset is loaded once"),
 ]
 
 

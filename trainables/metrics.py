@@ -44,3 +44,15 @@ def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int
         raise ValueError(f"preds and labels must lie in [0, {num_classes}) for num_classes={num_classes}")
     counts = torch.bincount(labels * num_classes + preds, minlength=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes)
+
+
+def per_class_scores(confusion: torch.Tensor) -> dict[str, list]:
+    """Precision, recall, F1 and support of each class from a [true][pred] confusion matrix, as
+    sklearn's classification_report gives them (0 for a class never predicted or never present)."""
+    confusion = confusion.double()
+    hits, predicted, actual = confusion.diag(), confusion.sum(dim=0), confusion.sum(dim=1)
+    precision = torch.where(predicted > 0, hits / predicted, 0.0)
+    recall = torch.where(actual > 0, hits / actual, 0.0)
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    return {"precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist(),
+            "support": actual.long().tolist()}

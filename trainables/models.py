@@ -85,11 +85,31 @@ def alexnet_cifar(*, in_channels: int, num_classes: int, image_size: int, dropou
     )
 
 
+def lenet_cifar(*, in_channels: int, num_classes: int, image_size: int, **_ignored) -> nn.Module:
+    """LeNet-5 as in PyTorch's CIFAR tutorial: 69,656 parameters at 3x32x32 with 100 classes.
+
+    Seed 001's authors evaluate their "AlexNet" checkpoints with this network (`BuMuNet` in their
+    Inference.py), so it is the likely source of the published numbers.
+    """
+    side = ((image_size - 4) // 2 - 4) // 2  # two unpadded 5x5 convs, each followed by a 2x2 pool
+    if side < 1:
+        raise ValueError(f"lenet_cifar needs image_size >= 16, got {image_size}")
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 6, kernel_size=5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, kernel_size=5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * side * side, 120), nn.ReLU(),
+        nn.Linear(120, 84), nn.ReLU(),
+        nn.Linear(84, num_classes),
+    )
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
     "overparam_cnn": overparam_cnn,
     "alexnet": alexnet,
     "alexnet_cifar": alexnet_cifar,
+    "lenet_cifar": lenet_cifar,
 }
 
 
