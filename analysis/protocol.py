@@ -56,9 +56,14 @@ def verdict(pair: Pair, metric: str, n: int) -> str:
 
 
 def lr_robustness(tune_trials: pd.DataFrame, metric: str, mode: str, lr_key: str = "optim.lr") -> pd.DataFrame:
-    """Per arm: how wide the range of good learning rates is in the tune stage (good = within tolerance of best)."""
+    """Per arm: how wide the range of good learning rates is in the tune stage (good = within tolerance of best).
+
+    Only trials that ran the full budget count when the arm has any, so early-stopped trials' partial
+    scores are not compared with finished ones."""
     rows = []
     for arm, group in tune_trials.groupby("arm", sort=False):
+        finished = group[group["status"] == "completed"]  # as in the choice of the tuned configuration:
+        group = finished if len(finished) else group      # trials that ran the whole budget, when there are any
         values = group[f"final_{metric}"].astype(float)
         finite = values[np.isfinite(values)]
         if lr_key not in group or finite.empty:
@@ -66,7 +71,7 @@ def lr_robustness(tune_trials: pd.DataFrame, metric: str, mode: str, lr_key: str
         best = finite.max() if mode == "max" else finite.min()
         good = group.loc[finite.index[(finite - best).abs() <= GOOD_LR_TOLERANCE], lr_key].astype(float)
         low, high = good.min(), good.max()
-        rows.append({"arm": arm, "tune_trials": len(group), f"best_{metric}": best, "good_trials": len(good),
+        rows.append({"arm": arm, "full_budget_trials": len(group), f"best_{metric}": best, "good_trials": len(good),
                      "good_lr_low": low, "good_lr_high": high,
                      "good_lr_decades": float(np.log10(high / low)) if low > 0 else np.nan})
     return pd.DataFrame(rows)
