@@ -20,8 +20,6 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 import torchvision
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 HELD_OUT_TEST = 0.2  # fraction held out as the test split for sources that have no official one
 NORMALIZATIONS = ("channel", "pixel", "none")
@@ -61,6 +59,8 @@ def mnist5k(data_dir: Path | None = None, download: bool = False):
 
 def digits(data_dir: Path | None = None, download: bool = False):
     """scikit-learn's 1,797 8x8 digits; values 0..16 rescaled to 0..255; no test split."""
+    from sklearn.datasets import load_digits  # here: sklearn is for the driver, and costs a trial worker ~1 s to import
+
     bunch = load_digits()
     images = np.round(bunch.images * (255 / 16)).astype(np.uint8)[:, None]
     return images, bunch.target.astype(np.int64), None, None, [str(d) for d in range(10)]
@@ -153,18 +153,18 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Fal
 
     if test_x is None:
         # Seeded by split_seed only, so every trial of a sweep is tested on the same images.
-        rest, held = _stratified_split(train_y, HELD_OUT_TEST, split_seed, f"{name}: holding out the test split")
+        rest, held = stratified_split(train_y, HELD_OUT_TEST, split_seed, f"{name}: holding out the test split")
         train_x, train_y, test_x, test_y = train_x[rest], train_y[rest], train_x[held], train_y[held]
     if train_subset is not None and train_subset != len(train_y):
         if train_subset > len(train_y):
             raise DataError(f"{name}: train_subset={train_subset} is larger than the training split "
                             f"({len(train_y)} images)")
-        _, subset = _stratified_split(train_y, train_subset, split_seed, f"{name}: train_subset={train_subset}")
+        _, subset = stratified_split(train_y, train_subset, split_seed, f"{name}: train_subset={train_subset}")
         train_x, train_y = train_x[subset], train_y[subset]
     if val_split == "test":
         val_x, val_y, test_x, test_y = test_x, test_y, None, None
     else:
-        rest, val = _stratified_split(train_y, val_split, split_seed, f"{name}: val_split={val_split}")
+        rest, val = stratified_split(train_y, val_split, split_seed, f"{name}: val_split={val_split}")
         train_x, train_y, val_x, val_y = train_x[rest], train_y[rest], train_x[val], train_y[val]
 
     mean, std = _fit_normalization(train_x, normalize)
@@ -172,8 +172,10 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Fal
                    test_y=test_y, num_classes=len(classes), classes=classes, mean=mean, std=std, note=note)
 
 
-def _stratified_split(labels: np.ndarray, size: int | float, seed: int, context: str) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(labels: np.ndarray, size: int | float, seed: int, context: str) -> tuple[np.ndarray, np.ndarray]:
     """Indices (rest, drawn): `size` images (int) or that fraction (float), drawn stratified by label."""
+    from sklearn.model_selection import train_test_split  # here: the driver splits, trial workers never do
+
     try:
         return train_test_split(np.arange(len(labels)), test_size=size, stratify=labels, random_state=seed)
     except ValueError as error:  # e.g. fewer images drawn than there are classes

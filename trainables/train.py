@@ -6,15 +6,18 @@ Contract (the same for every model and dataset):
   through the object store via `tune.with_parameters`);
 - every epoch it reports `epoch, train_loss, train_acc, val_loss, val_acc, gen_gap, weight_l2, ece,
   lr, epoch_time_s, samples_per_s` with a checkpoint every `train.checkpoint_every` epochs; the
-  last epoch adds `test_loss, test_acc` (when a test split exists), `confusion_matrix` and `classes`;
+  last epoch adds `test_loss, test_acc` (when a test split exists), `confusion_matrix` and `classes`,
+  and each class's `class_precision`, `class_recall`, `class_f1` and `class_support` (validation split);
 - a non-finite training loss ends the trial with `diverged: True`: a result, not an error.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import random
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -24,9 +27,10 @@ import numpy as np
 import ray
 import torch
 from ray import tune
+from ray.util.metrics import Gauge
 
-from trainables.data import Dataset, Loader
-from trainables.metrics import accuracy, confusion_matrix, expected_calibration_error, weight_l2
+from trainables.data import Dataset, Loader, stratified_split
+from trainables.metrics import accuracy, confusion_matrix, expected_calibration_error, per_class_scores, weight_l2
 from trainables.models import create_model
 from trainables.optim import add_l2_penalty_grad, create_loss, create_optimizer, create_schedule
 
@@ -77,6 +81,46 @@ def set_threads() -> None:
         torch.set_num_threads(max(1, int(cpus)))  # fractional CPUs (0.5) still get one thread
 
 
+# Exported live through Ray's Prometheus endpoint as ray_sweep_<name>, for the dashboard and Grafana.
+LIVE_METRICS = {
+    "epoch": "epochs finished",
+    "val_acc": "validation accuracy (fraction)",
+    "val_loss": "validation loss",
+    "train_loss": "training loss, mean over the epoch",
+    "samples_per_s": "training samples per second",
+}
+
+
+@functools.cache
+def live_gauges() -> dict[str, Gauge]:
+    """One gauge per live metric, created once per process (an actor Tune reuses runs several trials)."""
+    return {name: Gauge(f"sweep_{name}", description=meaning, tag_keys=("sweep", "arm", "trial"))
+            for name, meaning in LIVE_METRICS.items()}
+
+
+def export_live_metrics(metrics: dict[str, Any], arm: str) -> None:
+    """Set this trial's gauges, tagged by sweep, arm and trial id, to this epoch's values."""
+    if not ray.is_initialized():  # outside Ray (unit tests, benchmarks): no metrics agent to export to
+        return
+    context = tune.get_context()
+    tags = {"sweep": context.get_experiment_name(), "arm": arm, "trial": context.get_trial_id()}
+    for name, gauge in live_gauges().items():
+        gauge.set(float(metrics[name]), tags=tags)
+
+
+def training_split(dataset: Dataset, data: dict[str, Any], loaded_subset: int | None) -> tuple[np.ndarray, ...]:
+    """The trial's training images: those loaded, or the stratified `data.train_subset` of them that its arm
+    or the space asks for (validation and test stay the same for every trial)."""
+    subset, loaded = data["train_subset"], len(dataset.train_y)
+    if subset in (loaded_subset, loaded):  # the spec's own subset, which load_dataset already drew
+        return dataset.train_x, dataset.train_y
+    if subset is None or subset > loaded:
+        raise ValueError(f"data.train_subset={subset}: an arm or the space can only ask for fewer than the {loaded} "
+                         f"training images the sweep loaded (the data section's train_subset is {loaded_subset})")
+    _, keep = stratified_split(dataset.train_y, subset, data["split_seed"], f"data.train_subset={subset}")
+    return dataset.train_x[keep], dataset.train_y[keep]
+
+
 def train_epoch(model: torch.nn.Module, batches, optimizer: torch.optim.Optimizer, loss_fn, *,
                 scaler: torch.amp.GradScaler, autocast=nullcontext, l2_penalty: float = 0.0) -> tuple[float, float, int]:
     """One pass over `batches` of (inputs, labels); returns (mean training loss, accuracy, images seen)."""
@@ -100,6 +144,20 @@ def train_epoch(model: torch.nn.Module, batches, optimizer: torch.optim.Optimize
         correct += (logits.argmax(dim=1) == y).sum()
         seen += len(y)
     return (loss_sum / seen).item(), (correct / seen).item(), seen
+
+
+def load_checkpoint(checkpoint: tune.Checkpoint | None, device: torch.device) -> dict[str, Any] | None:
+    """The state a retried or resumed trial continues from; None trains from epoch 1: there is no
+    checkpoint yet, or its file was deleted because `sweep resume` found it corrupted."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        path = os.path.join(folder, CHECKPOINT_FILE)
+        if not os.path.exists(path):
+            print(f"[sweep] {checkpoint.path} holds no {CHECKPOINT_FILE}: training this trial again from epoch 1",
+                  file=sys.stderr)
+            return None
+        return torch.load(path, map_location=device, weights_only=False)
 
 
 @torch.no_grad()
@@ -146,21 +204,22 @@ def train_trial(config: dict[str, Any], *, base: dict[str, dict[str, Any]], data
     scaler = torch.amp.GradScaler("cuda", enabled=on_cuda and amp_dtype is torch.float16)
 
     common = dict(device=device, mean=dataset.mean, std=dataset.std, resize=data["resize"], channels_last=channels_last)
-    train_loader = Loader(dataset.train_x, dataset.train_y, batch_size=data["batch_size"], shuffle=True,
+    train_x, train_y = training_split(dataset, data, base["data"]["train_subset"])
+    train_loader = Loader(train_x, train_y, batch_size=data["batch_size"], shuffle=True,
                           seed=train_cfg["seed"], augment=data["augment"], **common)
     val_loader = Loader(dataset.val_x, dataset.val_y, batch_size=data["eval_batch_size"], **common)
 
     start_epoch = 1
-    checkpoint = tune.get_checkpoint()
-    if checkpoint:  # a retried or resumed trial continues where its last checkpoint left it
-        with checkpoint.as_directory() as folder:
-            state = torch.load(os.path.join(folder, CHECKPOINT_FILE), map_location=device, weights_only=False)
+    state = load_checkpoint(tune.get_checkpoint(), device)
+    if state:  # a retried or resumed trial continues where its last checkpoint left it
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if schedule:
             schedule.load_state_dict(state["schedule"])
         train_loader.generator.set_state(state["loader_rng"])
         torch.set_rng_state(state["torch_rng"])
+        if on_cuda and state.get("cuda_rng") is not None:  # dropout on the GPU draws from CUDA's generator
+            torch.cuda.set_rng_state(state["cuda_rng"])
         start_epoch = state["epoch"] + 1
 
     epochs = train_cfg["epochs"]
@@ -191,6 +250,7 @@ def train_trial(config: dict[str, Any], *, base: dict[str, dict[str, Any]], data
         if last:
             metrics["confusion_matrix"] = val["confusion"].tolist()
             metrics["classes"] = list(dataset.classes)
+            metrics.update({f"class_{k}": v for k, v in per_class_scores(val["confusion"]).items()})
             if dataset.test_x is not None and not metrics["diverged"]:
                 test_loader = Loader(dataset.test_x, dataset.test_y, batch_size=data["eval_batch_size"], **common)
                 test = evaluate(model, test_loader, loss_fn, dataset.num_classes, autocast)
@@ -201,9 +261,10 @@ def train_trial(config: dict[str, Any], *, base: dict[str, dict[str, Any]], data
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "schedule": schedule.state_dict() if schedule else None,
                      "loader_rng": train_loader.generator.get_state(), "torch_rng": torch.get_rng_state(),
-                     "epoch": epoch}
+                     "cuda_rng": torch.cuda.get_rng_state() if on_cuda else None, "epoch": epoch}
             with tempfile.TemporaryDirectory() as folder:
                 torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        export_live_metrics(metrics, config["arm"]["name"])
         if metrics["diverged"]:
             return
