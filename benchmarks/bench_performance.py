@@ -9,7 +9,7 @@ machine; prints one table. Ratios are the claims, absolute times depend on the m
 2. Sweep overhead: a 16-trial sweep through `sweeps.runner.run_sweep` (Ray start included; 1 CPU per
    trial, the default) against a plain loop in one process calling `train_trial` on the same 16
    configs with all cores. Aim: <= 1.15x. Trials must be long enough for this to mean anything:
-   --overhead-epochs sets it (the loop takes ~40 s on 2 idle cores at the default).
+   --overhead-epochs sets it (the loop takes ~30 s on 2 idle cores at the default).
 3. Early stopping: the bundled quickstart sweep (ASHA) against the same 20 trials run to the end (FIFO):
    epochs spent, wall time, best final val_acc. Aim: <= 40% of the epochs, best within 0.5 points.
 4. Memory: peak USS (private) and PSS (proportional) memory of the trial processes with 1, 2 and 4
@@ -21,7 +21,7 @@ machine; prints one table. Ratios are the claims, absolute times depend on the m
 Other work on the machine disturbs timings: lines 1 and 2 alternate the two sides and report the
 median of --repeats runs.
 
-    python benchmarks/bench_performance.py [--lines 1,2,3,4] [--repeats 3] [--memory-images 2000000]
+    python benchmarks/bench_performance.py [--lines 1,2,3,4] [--repeats 3] [--memory-images 1500000]
 """
 
 from __future__ import annotations
@@ -233,18 +233,15 @@ def sample_peaks(stop: threading.Event, peaks: dict) -> None:
     import psutil
 
     while not stop.wait(0.2):
-        uss = pss = 0
-        largest = 0
-        count = 0
+        uss = pss = count = 0
         for process in trial_processes():
             try:
-                info = process.memory_full_info()
+                info = process.memory_full_info()  # USS: pages only this process maps; PSS: shared ones split
             except psutil.Error:
                 continue
-            uss, pss, largest, count = uss + info.uss, pss + info.pss, max(largest, info.uss), count + 1
+            uss, pss, count = uss + info.uss, pss + info.pss, count + 1
         if count == peaks["concurrent"]:  # only while all of them run, so the sums compare across rows
-            peaks.update(uss=max(peaks["uss"], uss), pss=max(peaks["pss"], pss),
-                         largest=max(peaks["largest"], largest), samples=peaks["samples"] + 1)
+            peaks.update(uss=max(peaks["uss"], uss), pss=max(peaks["pss"], pss))
 
 
 def peak_memory(dataset: Dataset, concurrent: int, storage: Path, epochs: int = 1) -> dict:
@@ -260,7 +257,7 @@ def peak_memory(dataset: Dataset, concurrent: int, storage: Path, epochs: int = 
         "space": {"seed": {"grid": list(range(concurrent))}},
         "resources": {"cpu": CORES / concurrent},
     }, "bench")
-    peaks = dict(concurrent=concurrent, uss=0, pss=0, largest=0, samples=0)
+    peaks = dict(concurrent=concurrent, uss=0, pss=0)
     stop = threading.Event()
     sampler = threading.Thread(target=sample_peaks, args=(stop, peaks))
     sampler.start()
@@ -306,8 +303,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lines", default="1,2,3,4", help="which lines to run, e.g. 1,3")
     parser.add_argument("--repeats", type=int, default=3, help="runs of lines 1 and 2; the median is reported")
-    parser.add_argument("--overhead-epochs", type=int, default=50, help="epochs per trial in line 2")
-    parser.add_argument("--memory-images", type=int, default=2_000_000, help="dataset size in line 4, images")
+    parser.add_argument("--overhead-epochs", type=int, default=40, help="epochs per trial in line 2")
+    parser.add_argument("--memory-images", type=int, default=1_500_000, help="dataset size in line 4, images")
     args = parser.parse_args()
     lines = set(args.lines.split(","))
 
