@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sweeps.runner import (SPEC_FILE, build_tuner, exists, prepare_data, read_spec, say, start_ray, storage_uri,
-                           write_text)
+from sweeps.runner import (SPEC_FILE, build_tuner, check_local_fit, new_results_dir, prepare_data, read_spec, say,
+                           start_ray, storage_uri, write_text)
 from sweeps.spec import Spec, SpecError, count_trials, dump_spec, validate_spec
 
 TUNE, CONFIRM = "tune", "confirm"
@@ -78,12 +78,11 @@ def run_protocol(spec: Spec, *, storage: str | None = None, address: str | None 
     if "://" in storage:
         raise SpecError(f"--storage {storage}: the protocol reads stage 1's results to set up stage 2, "
                         "so it needs a local or shared file system path")
-    results_dir = Path(storage) / spec.name
-    if not resume and exists(str(results_dir)):
-        raise SpecError(f"{results_dir}: already exists; continue it with `sweep resume {results_dir}` "
-                        "or start over under another --name")
+    results_dir = Path(storage) / spec.name if resume else Path(new_results_dir(storage, spec.name))
     dataset = prepare_data(spec)
     start_ray(address, dashboard=dashboard, storage=str(results_dir))
+    if not address:
+        check_local_fit(spec)
     if not resume:
         write_text(str(results_dir / SPEC_FILE), dump_spec(spec))
     counts = count_trials(spec)

@@ -296,16 +296,22 @@ def prepare_data(spec: Spec) -> Dataset:
     return dataset
 
 
-def run_sweep(spec: Spec, *, storage: str | None = None, address: str | None = None,
-              dashboard: bool = True) -> str:
-    """Run a sweep to the end; returns the results directory. Raises SpecError before starting anything."""
-    storage = storage_uri(storage)
-    results_dir = f"{storage.rstrip('/')}/{spec.name}"
+def new_results_dir(storage: str, name: str) -> str:
+    """`<storage>/<name>`, refused (SpecError) if it already exists or the storage is not writable."""
+    results_dir = f"{storage.rstrip('/')}/{name}"
     if exists(results_dir):
         raise SpecError(f"{results_dir}: already exists; continue it with `sweep resume {results_dir}` "
                         "or start over under another --name")
     if "://" not in storage:
         check_writable(storage)
+    return results_dir
+
+
+def run_sweep(spec: Spec, *, storage: str | None = None, address: str | None = None,
+              dashboard: bool = True) -> str:
+    """Run a sweep to the end; returns the results directory. Raises SpecError before starting anything."""
+    storage = storage_uri(storage)
+    results_dir = new_results_dir(storage, spec.name)
     dataset = prepare_data(spec)
     if spec.smoke and dataset.note:
         spec.notes = [*spec.notes, dataset.note]
