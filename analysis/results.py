@@ -131,9 +131,10 @@ def _read_trial(trial_dir: Path, spec: dict):
 
     last = rows[-1] if rows else {}
     planned = _planned_epochs(flat, spec)
+    epochs_run = int(epochs[-1]["epoch"]) if epochs else 0  # with train.report_every > 1 not every epoch has a row
     if any(row.get("diverged") for row in rows):
         status = "diverged"
-    elif (planned is not None and len(epochs) >= planned) or "confusion_matrix" in last:
+    elif (planned is not None and epochs_run >= planned) or "confusion_matrix" in last:
         status = "completed"
     elif (trial_dir / "error.txt").exists():
         status = "error"
@@ -144,7 +145,7 @@ def _read_trial(trial_dir: Path, spec: dict):
     wall = last.get("time_total_s", sum(e.get("epoch_time_s", 0.0) for e in epochs) if epochs else math.nan)
     matrix = (last.get("classes") or [str(i) for i in range(len(last["confusion_matrix"]))],
               last["confusion_matrix"]) if "confusion_matrix" in last else None
-    row = {"trial_id": trial_id, "arm": arm, "config": flat, "status": status, "epochs_run": len(epochs),
+    row = {"trial_id": trial_id, "arm": arm, "config": flat, "status": status, "epochs_run": epochs_run,
            "epochs_planned": planned, "wall_time_s": wall, "trial_dir": trial_dir.name}
     return row, epochs, matrix
 

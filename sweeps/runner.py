@@ -44,12 +44,13 @@ def smoke_spec(spec: Spec) -> Spec:
     if raw["data"]["resize"]:
         raw["data"]["resize"] = min(raw["data"]["resize"], 64)  # AlexNet's smallest comfortable input
     raw["train"]["epochs"] = min(raw["train"]["epochs"], 3)
+    raw["train"]["report_every"] = 1  # every one of the few epochs
     raw["train"]["checkpoint_every"] = 3  # only the last epoch: a big model's checkpoint costs more than its epoch
     raw["search"]["num_samples"] = min(raw["search"]["num_samples"], 2)
     if raw["scheduler"]["max_t"]:
         raw["scheduler"]["max_t"] = min(raw["scheduler"]["max_t"], 3)
     raw["resources"] = {"cpu": min(raw["resources"]["cpu"], 1), "gpu": 0}  # what any laptop has
-    caps = {"epochs": 3, "train_subset": raw["data"]["train_subset"]}  # for values an arm or the space sets
+    caps = {"epochs": 3, "train_subset": raw["data"]["train_subset"], "report_every": 1}  # values an arm or the space sets
 
     def shrink(settings: dict[str, Any]) -> None:
         for key, value in settings.items():

@@ -108,11 +108,19 @@ class TrainSettings(Strict):
     epochs: PositiveInt = 10                            # full passes over the training split
     loss: Literal["cross_entropy", "mse"] = "cross_entropy"  # mse = MSE between softmax outputs and one-hot labels
     seed: int = 0                                       # seeds init, shuffling and augmentation of one trial
-    checkpoint_every: PositiveInt = 1                   # epochs between checkpoints (the last epoch always saves)
+    report_every: PositiveInt = 1                       # epochs between reports: validation, curves, ASHA's rungs
+    checkpoint_every: PositiveInt = 1                   # epochs between checkpoints, a multiple of report_every
     device: Literal["auto", "cpu", "cuda"] = "auto"     # auto = the GPU Ray assigned, else CPU
     amp: Literal["none", "bf16", "fp16"] = "none"       # mixed-precision autocast on CUDA (ignored on CPU)
     channels_last: bool = False                         # NHWC memory format for CNNs on CUDA
     cudnn_benchmark: bool = False                       # let cuDNN pick the fastest conv algorithms
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainSettings:
+        if self.checkpoint_every % self.report_every:  # a checkpoint travels with a report
+            raise ValueError(f"checkpoint_every: must be a multiple of report_every ({self.report_every}), "
+                             f"got {self.checkpoint_every}")
+        return self
 
 
 # Data settings applied when the dataset is decoded, once per sweep: an arm or the space cannot change them.

@@ -106,6 +106,13 @@ def test_smoke_keeps_every_arm_and_fits_a_laptop(name):
         assert settings.get("data.train_subset", 0) <= smoke.data.train_subset
 
 
+def test_smoke_reports_every_epoch_whatever_cadence_the_spec_sets():
+    spec, _ = load_spec("quickstart", ["train.report_every=5", "train.checkpoint_every=10"])
+    spec = spec.model_copy(update={"arms": {"sparse": {"train.report_every": 2, "train.checkpoint_every": 4}}})
+    smoke = smoke_spec(spec)  # a checkpoint at epoch 3 only would clash with reports every 2 or 5 epochs
+    assert smoke.train.report_every == 1 and smoke.arm_settings()["sparse"]["train.report_every"] == 1
+
+
 def test_an_arm_trains_on_a_stratified_subset_of_the_loaded_images():
     dataset = load_dataset("digits", val_split=0.1)
     x, y = training_split(dataset, {"train_subset": 200, "split_seed": 0}, loaded_subset=None)

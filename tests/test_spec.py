@@ -50,6 +50,8 @@ BAD = [  # (spec changes, text the one-line error must contain)
     ({"compare_by": ["nope"]}, "compare_by: unknown setting 'nope'"),
     ({"arms": {"a": {"normalize": "pixel"}}}, "arms.a.data.normalize: the dataset is loaded once"),
     ({"space": {"data.name": {"grid": ["mnist5k", "digits"]}}}, "space.data.name: the dataset is loaded once"),
+    ({"train__report_every": 2}, "train.checkpoint_every: must be a multiple of report_every (2), got 1"),
+    ({"arms": {"a": {"report_every": 2, "checkpoint_every": 3}}}, "arms.a.train.checkpoint_every: must be a multiple"),
 ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -123,6 +124,30 @@ def test_same_spec_and_seed_give_identical_metrics(tmp_path, tiny_spec):
                 for n, rows in trial_results(tmp_path / "results" / name).items()}
 
     assert metrics("first") == metrics("second")
+
+
+def test_report_cadence_skips_rows_not_results(tmp_path, tiny_spec):
+    # Two arms that differ only in cadence train the same model: reporting and checkpointing less
+    # often must not change what the trial learns, only which epochs get a row and a checkpoint.
+    tiny_spec["train"]["epochs"] = 5
+    tiny_spec["arms"] = {"every": {"optimizer": "sgd", "lr": 0.1},
+                         "sparse": {"optimizer": "sgd", "lr": 0.1, "report_every": 2, "checkpoint_every": 4}}
+    run_ok("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path / "results"))
+    results_dir = tmp_path / "results" / "tiny"
+    rows = {name.split("_")[0]: rows for name, rows in trial_results(results_dir).items()}
+    assert [r["epoch"] for r in rows["every"]] == [1, 2, 3, 4, 5]
+    assert [r["epoch"] for r in rows["sparse"]] == [2, 4, 5]  # every 2nd epoch, and the last
+    every = {r["epoch"]: r for r in rows["every"]}
+    for row in rows["sparse"]:
+        for metric in ("train_loss", "val_acc", "val_loss", "weight_l2", "lr"):
+            assert row[metric] == every[row["epoch"]][metric], (row["epoch"], metric)
+    assert "confusion_matrix" in rows["sparse"][-1]
+    sparse_dir = next(results_dir.glob("sparse_*"))
+    saved = [json.loads(line)["epoch"] for line in sparse_dir.joinpath("result.json").read_text().splitlines()
+             if json.loads(line).get("checkpoint_dir_name")]
+    assert saved == [4, 5]  # checkpoint_every 4, and the last epoch
+    trials = pd.read_csv(results_dir / "report" / "trials.csv").set_index("arm")
+    assert trials.loc["sparse", "epochs_run"] == 5 and trials.loc["sparse", "status"] == "completed"
 
 
 def test_smoke_quickstart_runs_on_the_embedded_data(tmp_path):

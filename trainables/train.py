@@ -1,13 +1,13 @@
-"""The trainable: one function of a trial's config that trains and reports to Tune every epoch.
+"""The trainable: one function of a trial's config that trains and reports to Tune as it goes.
 
 Contract (the same for every model and dataset):
 - `config` is what Tune's searcher made: `{"arm": {"name": ..., <dotted setting>: value}, <dotted setting>: value}`;
 - `base` is the spec's four settings sections, `dataset` the decoded dataset (both arrive once
   through the object store via `tune.with_parameters`);
-- every epoch it reports `epoch, train_loss, train_acc, val_loss, val_acc, gen_gap, weight_l2, ece,
-  lr, epoch_time_s, samples_per_s` with a checkpoint every `train.checkpoint_every` epochs; the
-  last epoch adds `test_loss, test_acc` (when a test split exists), `confusion_matrix` and `classes`,
-  and each class's `class_precision`, `class_recall`, `class_f1` and `class_support` (validation split);
+- every `train.report_every` epochs (and at the last) it reports `epoch, train_loss, train_acc,
+  val_loss, val_acc, gen_gap, weight_l2, ece, lr, epoch_time_s, samples_per_s`, with a checkpoint
+  every `train.checkpoint_every` epochs; the last epoch adds `test_loss, test_acc` (when a test
+  split exists), `confusion_matrix` and `classes`, and each class's `class_precision`, `class_recall`, `class_f1` and `class_support` (validation split);
 - a non-finite training loss ends the trial with `diverged: True`: a result, not an error.
 """
 
@@ -229,6 +229,12 @@ def train_trial(config: dict[str, Any], *, base: dict[str, dict[str, Any]], data
         train_loss, train_acc, seen = train_epoch(model, train_loader, optimizer, loss_fn, scaler=scaler,
                                                   autocast=autocast, l2_penalty=optim_cfg["l2_penalty"])
         epoch_time = time.perf_counter() - t0
+        if schedule:
+            schedule.step()
+        diverged = not np.isfinite(train_loss)
+        last = epoch == epochs or diverged
+        if not (last or epoch % train_cfg["report_every"] == 0):
+            continue  # an epoch between reports: no validation, nothing sent to Tune
         val = evaluate(model, val_loader, loss_fn, dataset.num_classes, autocast)
         metrics = {
             "epoch": epoch,
@@ -242,11 +248,8 @@ def train_trial(config: dict[str, Any], *, base: dict[str, dict[str, Any]], data
             "lr": lr,
             "epoch_time_s": epoch_time,
             "samples_per_s": seen / epoch_time,
-            "diverged": not np.isfinite(train_loss),
+            "diverged": diverged,
         }
-        if schedule:
-            schedule.step()
-        last = epoch == epochs or metrics["diverged"]
         if last:
             metrics["confusion_matrix"] = val["confusion"].tolist()
             metrics["classes"] = list(dataset.classes)
@@ -255,7 +258,7 @@ def train_trial(config: dict[str, Any], *, base: dict[str, dict[str, Any]], data
                 test_loader = Loader(dataset.test_x, dataset.test_y, batch_size=data["eval_batch_size"], **common)
                 test = evaluate(model, test_loader, loss_fn, dataset.num_classes, autocast)
                 metrics["test_loss"], metrics["test_acc"] = test["loss"], test["acc"]
-        if metrics["diverged"] or not (last or epoch % train_cfg["checkpoint_every"] == 0):
+        if diverged or not (last or epoch % train_cfg["checkpoint_every"] == 0):
             tune.report(metrics)
         else:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -266,5 +269,5 @@ def train_trial(config: dict[str, Any], *, base: dict[str, dict[str, Any]], data
                 torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
         export_live_metrics(metrics, config["arm"]["name"])
-        if metrics["diverged"]:
+        if diverged:
             return
