@@ -138,7 +138,9 @@ def cluster(tmp_path_factory):
     metrics = {"head": free_port(), "worker": free_port()}
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN,
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # stop at once instead of draining for 30 s
-           "RAY_metrics_report_interval_ms": "1000"}  # metrics reach Prometheus in 1 s instead of 10
+           "RAY_metrics_report_interval_ms": "1000",  # metrics reach Prometheus in 1 s instead of 10
+           # `ray` and the jobs' `python` from this interpreter's environment, activated or not
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     common = ["--block", "--num-cpus=1", "--disable-usage-stats"]
     hide = can_hide_a_directory()
     url, auth = f"http://127.0.0.1:{dashboard}", {"Authorization": f"Bearer {TOKEN}"}
