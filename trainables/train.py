@@ -7,7 +7,8 @@ Contract (the same for every model and dataset):
 - every `train.report_every` epochs (and at the last) it reports `epoch, train_loss, train_acc,
   val_loss, val_acc, gen_gap, weight_l2, ece, lr, epoch_time_s, samples_per_s`, with a checkpoint
   every `train.checkpoint_every` epochs; the last epoch adds `test_loss, test_acc` (when a test
-  split exists), `confusion_matrix` and `classes`, and each class's `class_precision`, `class_recall`, `class_f1` and `class_support` (validation split);
+  split exists), `confusion_matrix` and `classes`, and each class's `class_precision`,
+  `class_recall`, `class_f1` and `class_support` (validation split);
 - a non-finite training loss ends the trial with `diverged: True`: a result, not an error.
 """
 
