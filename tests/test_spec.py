@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import yaml
 
@@ -127,3 +130,12 @@ def test_cli_list_shows_bundled_specs():
     out = run_cli("list")
     assert out.returncode == 0
     assert any(line.split()[0] == "quickstart" and "20 trials" in line for line in out.stdout.splitlines())
+
+
+def test_the_cli_leaves_the_dataset_decoders_unimported():
+    # Every command imports the registries; torchvision and scikit-learn (about 1 s each) only decode and
+    # split datasets, so `sweep list`, `validate` and `report` start without them.
+    code = ("import sys, sweeps.cli; bad = [m for m in ('torchvision', 'sklearn') if m in sys.modules]; "
+            "assert not bad, bad")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-import torchvision
 
 HELD_OUT_TEST = 0.2  # fraction held out as the test split for sources that have no official one
 NORMALIZATIONS = ("channel", "pixel", "none")
@@ -83,17 +82,19 @@ def synthetic(data_dir: Path | None = None, download: bool = False, *, shape: tu
     return train_x, train_y, test_x, test_y, [f"class {k}" for k in range(num_classes)]
 
 
-_TORCHVISION = {  # name -> (torchvision dataset class, image shape (C,H,W), number of classes)
-    "mnist": (torchvision.datasets.MNIST, (1, 28, 28), 10),
-    "fashion_mnist": (torchvision.datasets.FashionMNIST, (1, 28, 28), 10),
-    "cifar10": (torchvision.datasets.CIFAR10, (3, 32, 32), 10),
-    "cifar100": (torchvision.datasets.CIFAR100, (3, 32, 32), 100),
+_TORCHVISION = {  # name -> (torchvision.datasets class name, image shape (C,H,W), number of classes)
+    "mnist": ("MNIST", (1, 28, 28), 10),
+    "fashion_mnist": ("FashionMNIST", (1, 28, 28), 10),
+    "cifar10": ("CIFAR10", (3, 32, 32), 10),
+    "cifar100": ("CIFAR100", (3, 32, 32), 100),
 }
 
 
 def torchvision_dataset(name: str, data_dir: Path, download: bool):
     """Official train/test splits of a torchvision dataset, decoded from `.data`/`.targets` (no PIL per sample)."""
-    dataset_class = _TORCHVISION[name][0]
+    import torchvision  # here: every `sweep` command imports this module, and torchvision takes ~1 s to import
+
+    dataset_class = getattr(torchvision.datasets, _TORCHVISION[name][0])
     try:
         splits = [dataset_class(root=str(data_dir), train=train, download=download) for train in (True, False)]
     except (RuntimeError, OSError) as error:  # files missing, or the download failed (no internet)

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from itertools import pairwise
 
 import torch.nn as nn
-import torchvision
 
 ACTIVATIONS: dict[str, Callable[[float], nn.Module]] = {
     "relu": lambda negative_slope: nn.ReLU(),
@@ -56,6 +55,8 @@ def alexnet(*, in_channels: int, num_classes: int, dropout: float, **_ignored) -
 
     Built for 224x224; the smallest input it accepts is 63x63 (62x62 pools down to nothing).
     """
+    import torchvision  # here: every `sweep` command imports this module, and torchvision takes ~1 s to import
+
     net = torchvision.models.alexnet(weights=None, num_classes=num_classes, dropout=dropout)
     net.features[0] = nn.Conv2d(in_channels, 64, kernel_size=11, stride=4, padding=2)
     return net
