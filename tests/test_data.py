@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainables.data import DATASETS, DataError, Loader, augment_batch, load_dataset, rotate
+from trainables.data import (DATASETS, SOURCES, STD_FLOOR, DataError, Loader, augment_batch, load_dataset, rotate,
+                             split_sizes)
 
 from mnist_files import write_mnist
 
@@ -42,6 +43,27 @@ def test_train_subset_is_stratified_and_test_can_serve_as_validation():
     assert np.bincount(data.train_y).tolist() == [100] * 10
     assert len(data.val_y) == 1000 and data.test_x is None and data.test_y is None
     assert not _rows(data.train_x) & _rows(data.val_x)
+
+
+def test_train_subset_counts_training_images_and_leaves_validation_alone():
+    # One meaning everywhere (data section and arms): the number of images trials train on, drawn after
+    # the validation split, which stays the same whatever the subset.
+    full, small = load_dataset("mnist5k", val_split=0.1), load_dataset("mnist5k", val_split=0.1, train_subset=2000)
+    assert len(small.train_y) == 2000 and np.bincount(small.train_y).tolist() == [200] * 10
+    assert np.array_equal(small.val_x, full.val_x) and np.array_equal(small.test_x, full.test_x)
+    assert _rows(small.train_x) <= _rows(full.train_x)
+    with pytest.raises(DataError, match="train_subset=3601 is larger than the training split .3600 images after"):
+        load_dataset("mnist5k", val_split=0.1, train_subset=3601)
+
+
+@pytest.mark.parametrize("name", ["mnist5k", "digits", "synthetic"])
+@pytest.mark.parametrize("val_split", [0.1, 0.15, 0.2, "test"])
+def test_what_validation_knows_of_a_dataset_is_what_loading_gives(name, val_split):
+    # `sweep validate` checks models and subsets against SOURCES without decoding anything.
+    data = load_dataset(name, val_split=val_split)
+    assert split_sizes(name, val_split=val_split) == (len(data.train_y), len(data.val_y))
+    source = SOURCES[name]
+    assert data.train_x.shape[1:] == source.shape and data.num_classes == source.num_classes
 
 
 def test_digits_loads_as_uint8_images():
@@ -115,13 +137,23 @@ def test_channel_and_pixel_normalisation_match_numpy_on_the_training_split():
     data = load_dataset("mnist5k", normalize="pixel")
     x = data.train_x.astype(np.float64) / 255
     expected_std = x.std(0)
-    assert (expected_std == 0).any()  # MNIST's border pixels are constant: they must not divide by zero
-    expected_std[expected_std == 0] = 1.0
+    constant = expected_std == 0
+    assert constant.any()  # MNIST's border pixels are constant: they must not divide by zero
+    floor = STD_FLOOR * expected_std[~constant].mean()
+    assert (expected_std[~constant] < floor).any()  # and some barely vary: they are floored
+    expected_std = np.where(constant, 1.0, np.maximum(expected_std, floor))
     np.testing.assert_allclose(data.mean, x.mean(0), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(data.std, expected_std, rtol=1e-5)
 
     data = load_dataset("mnist5k", normalize="none")
     assert (data.mean == 0).all() and (data.std == 1).all()
+
+
+def test_pixel_normalisation_keeps_held_out_images_in_a_sane_range():
+    # Without the floor a pixel with std 4e-4 in training turns one stroke on the test split into z of ~460.
+    data = load_dataset("mnist5k", normalize="pixel")
+    z = (data.test_x.astype(np.float32) / 255 - data.mean) / data.std
+    assert np.abs(z).max() < 50  # 43 here
 
 
 # --- Loader ----------------------------------------------------------------------------------------

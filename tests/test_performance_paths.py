@@ -16,7 +16,7 @@ from trainables.train import set_threads
 
 def test_loader_gives_the_batches_of_torchvisions_per_sample_pipeline(tmp_path):
     """Values, labels and order over two shuffled epochs, with random crops and flips, image by image."""
-    data = load_dataset("mnist5k", train_subset=300, val_split=0.2)  # 240 training images: a partial last batch
+    data = load_dataset("mnist5k", train_subset=300, val_split=0.2)  # 300 training images: a partial last batch
     write_mnist(tmp_path, train=(data.train_x, data.train_y), test=(data.val_x, data.val_y))
     mean, std = data.mean.ravel().tolist(), data.std.ravel().tolist()
     usual = torchvision.datasets.MNIST(str(tmp_path), train=True, download=False, transform=transforms.ToTensor())
@@ -29,7 +29,7 @@ def test_loader_gives_the_batches_of_torchvisions_per_sample_pipeline(tmp_path):
     for _ in range(2):
         order = torch.randperm(len(usual), generator=replay)
         batches = list(loader)
-        assert len(batches) == 4 and [len(y) for _, y in batches] == [64, 64, 64, 48]
+        assert len(batches) == 5 and [len(y) for _, y in batches] == [64, 64, 64, 64, 44]
         for index, (x, y) in zip(order.split(batch_size), batches):
             dy, dx = torch.randint(0, 2 * pad + 1, (2, len(index), 1), generator=replay)
             flip = torch.rand(len(index), generator=replay) < 0.5

@@ -7,6 +7,7 @@ training split. The arrays stay uint8 so that shipping them to trials through Ra
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -15,6 +16,8 @@ from functools import partial
 from importlib import resources
 from pathlib import Path
 
+from typing import NamedTuple
+
 import numpy as np
 import pandas as pd
 import torch
@@ -22,6 +25,7 @@ import torch.nn.functional as F
 
 HELD_OUT_TEST = 0.2  # fraction held out as the test split for sources that have no official one
 NORMALIZATIONS = ("channel", "pixel", "none")
+STD_FLOOR = 0.1  # "pixel": no pixel's std counts as less than this fraction of the mean pixel std
 
 
 class DataError(ValueError):
@@ -82,19 +86,14 @@ def synthetic(data_dir: Path | None = None, download: bool = False, *, shape: tu
     return train_x, train_y, test_x, test_y, [f"class {k}" for k in range(num_classes)]
 
 
-_TORCHVISION = {  # name -> (torchvision.datasets class name, image shape (C,H,W), number of classes)
-    "mnist": ("MNIST", (1, 28, 28), 10),
-    "fashion_mnist": ("FashionMNIST", (1, 28, 28), 10),
-    "cifar10": ("CIFAR10", (3, 32, 32), 10),
-    "cifar100": ("CIFAR100", (3, 32, 32), 100),
-}
+_TORCHVISION = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 
 
 def torchvision_dataset(name: str, data_dir: Path, download: bool):
     """Official train/test splits of a torchvision dataset, decoded from `.data`/`.targets` (no PIL per sample)."""
     import torchvision  # here: every `sweep` command imports this module, and torchvision takes ~1 s to import
 
-    dataset_class = getattr(torchvision.datasets, _TORCHVISION[name][0])
+    dataset_class = getattr(torchvision.datasets, _TORCHVISION[name])
     try:
         splits = [dataset_class(root=str(data_dir), train=train, download=download) for train in (True, False)]
     except (RuntimeError, OSError) as error:  # files missing, or the download failed (no internet)
@@ -119,6 +118,39 @@ DATASETS: dict[str, Callable[..., tuple]] = {
 }
 
 
+class Source(NamedTuple):
+    """What is known of a dataset without decoding it: enough for `sweep validate` to check models and sizes."""
+    shape: tuple[int, int, int]  # image (C, H, W)
+    num_classes: int
+    train_size: int  # images in the source's training split
+    test_size: int | None  # its official test split; None: HELD_OUT_TEST of train is held out instead
+
+
+SOURCES: dict[str, Source] = {
+    "mnist5k": Source((1, 28, 28), 10, 5000, None),
+    "digits": Source((1, 8, 8), 10, 1797, None),
+    "mnist": Source((1, 28, 28), 10, 60000, 10000),
+    "fashion_mnist": Source((1, 28, 28), 10, 60000, 10000),
+    "cifar10": Source((3, 32, 32), 10, 50000, 10000),
+    "cifar100": Source((3, 32, 32), 100, 50000, 10000),
+    "synthetic": Source((1, 28, 28), 10, 2000, 500),
+}
+
+
+def split_sizes(name: str, *, val_split: float | str) -> tuple[int, int]:
+    """(training images, validation images) that `load_dataset` gives before any train_subset, without
+    loading anything. Fractions round as scikit-learn's splits do: the drawn part is rounded up."""
+    source = SOURCES[name]
+    train, test = source.train_size, source.test_size
+    if test is None:
+        test = math.ceil(HELD_OUT_TEST * train)
+        train -= test
+    if val_split == "test":
+        return train, test
+    val = math.ceil(val_split * train)
+    return train - val, val
+
+
 # --- splits and normalisation ----------------------------------------------------------------------
 
 def load_dataset(name: str, *, data_dir: str | None = None, download: bool = False,
@@ -127,7 +159,9 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Fal
                  allow_standin: bool = False) -> Dataset:
     """Load `name`, carve stratified splits with `split_seed`, and fit `normalize` on the training split.
 
-    val_split: a fraction in (0, 1) of the (subset) training split, or "test" to validate on the test split.
+    val_split: a fraction in (0, 1) of the source's training split, or "test" to validate on the test split.
+    train_subset: how many of the remaining training images to keep (stratified): the number of images
+        trials train on. Validation is carved first, so it is the same whatever the subset.
     allow_standin: when a torchvision dataset's files are missing, use a synthetic stand-in of the same shape.
     """
     if name not in DATASETS:
@@ -146,7 +180,7 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Fal
     except DataError:
         if not allow_standin:
             raise
-        _, shape, num_classes = _TORCHVISION[name]
+        shape, num_classes = SOURCES[name].shape, SOURCES[name].num_classes
         train_x, train_y, test_x, test_y, classes = synthetic(shape=shape, num_classes=num_classes)
         note = (f"{name} files not found in {root}: using a synthetic stand-in of the same shape "
                 f"({'x'.join(map(str, shape))}, {num_classes} classes, {len(train_y)} train / {len(test_y)} test "
@@ -156,17 +190,17 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Fal
         # Seeded by split_seed only, so every trial of a sweep is tested on the same images.
         rest, held = stratified_split(train_y, HELD_OUT_TEST, split_seed, f"{name}: holding out the test split")
         train_x, train_y, test_x, test_y = train_x[rest], train_y[rest], train_x[held], train_y[held]
-    if train_subset is not None and train_subset != len(train_y):
-        if train_subset > len(train_y):
-            raise DataError(f"{name}: train_subset={train_subset} is larger than the training split "
-                            f"({len(train_y)} images)")
-        _, subset = stratified_split(train_y, train_subset, split_seed, f"{name}: train_subset={train_subset}")
-        train_x, train_y = train_x[subset], train_y[subset]
     if val_split == "test":
         val_x, val_y, test_x, test_y = test_x, test_y, None, None
     else:
         rest, val = stratified_split(train_y, val_split, split_seed, f"{name}: val_split={val_split}")
         train_x, train_y, val_x, val_y = train_x[rest], train_y[rest], train_x[val], train_y[val]
+    if train_subset is not None and train_subset != len(train_y):
+        if train_subset > len(train_y):
+            raise DataError(f"{name}: train_subset={train_subset} is larger than the training split "
+                            f"({len(train_y)} images after the validation split)")
+        _, subset = stratified_split(train_y, train_subset, split_seed, f"{name}: train_subset={train_subset}")
+        train_x, train_y = train_x[subset], train_y[subset]
 
     mean, std = _fit_normalization(train_x, normalize)
     return Dataset(name=name, train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y, test_x=test_x,
@@ -198,8 +232,13 @@ def _fit_normalization(x: np.ndarray, how: str) -> tuple[np.ndarray, np.ndarray]
         total, total_sq = total.sum((1, 2), keepdims=True), total_sq.sum((1, 2), keepdims=True)
         count *= x.shape[2] * x.shape[3]
     mean = total / count
-    std = np.sqrt(total_sq / count - mean**2) / 255
-    std[std == 0] = 1.0  # constant pixels (MNIST's border) are left unscaled, as sklearn's StandardScaler does
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0)) / 255
+    constant = std == 0
+    if how == "pixel" and not constant.all():
+        # A pixel that almost never changes in training (MNIST's border: std 4e-4) would turn a stroke there
+        # in a test image into a z-score of hundreds; floor it at a tenth of the mean pixel std.
+        std = np.maximum(std, STD_FLOOR * std[~constant].mean())
+    std[constant] = 1.0  # constant pixels are left unscaled, as sklearn's StandardScaler does
     return (mean / 255).astype(np.float32), std.astype(np.float32)
 
 

@@ -6,9 +6,17 @@ import torch
 import torch.nn as nn
 
 
+def predictions(logits: torch.Tensor) -> torch.Tensor:
+    """Arg-max class of each row; -1 (no class) where a row's outputs are not all finite.
+
+    A diverged model's NaN outputs would otherwise "predict" whichever class argmax picks for NaN,
+    and score the frequency of that class as its accuracy."""
+    return torch.where(torch.isfinite(logits).all(dim=1), logits.argmax(dim=1), -1)
+
+
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction of rows whose arg-max class equals the label."""
-    return (logits.argmax(dim=1) == labels).float().mean().item()
+    """Fraction of rows whose predicted class equals the label; rows with non-finite outputs count as wrong."""
+    return (predictions(logits) == labels).float().mean().item()
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:

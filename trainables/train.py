@@ -4,12 +4,15 @@ Contract (the same for every model and dataset):
 - `config` is what Tune's searcher made: `{"arm": {"name": ..., <dotted setting>: value}, <dotted setting>: value}`;
 - `base` is the spec's four settings sections, `dataset` the decoded dataset (both arrive once
   through the object store via `tune.with_parameters`);
-- every `train.report_every` epochs (and at the last) it reports `epoch, train_loss, train_acc,
-  val_loss, val_acc, gen_gap, weight_l2, ece, lr, epoch_time_s, samples_per_s`, with a checkpoint
+- every `train.report_every` epochs (and at the last) it reports EPOCH_METRICS, with a checkpoint
   every `train.checkpoint_every` epochs; the last epoch adds `test_loss, test_acc` (when a test
   split exists), `confusion_matrix` and `classes`, and each class's `class_precision`,
   `class_recall`, `class_f1` and `class_support` (validation split);
-- a non-finite training loss ends the trial with `diverged: True`: a result, not an error.
+- `train_*` and `val_*` are measured the same way (eval mode, the epoch's final weights; training on a
+  fixed sample of training images), so `gen_gap` compares like with like; `train_*_running` are the
+  averages over the epoch's mini-batches, as a training loop prints them;
+- a non-finite training loss ends the trial with `diverged: True`: a result, not an error. It is
+  evaluated like a finished trial (test split included), outputs that are not finite counting as wrong.
 """
 
 from __future__ import annotations
@@ -31,11 +34,16 @@ from ray import tune
 from ray.util.metrics import Gauge
 
 from trainables.data import Dataset, Loader, stratified_split
-from trainables.metrics import accuracy, confusion_matrix, expected_calibration_error, per_class_scores, weight_l2
+from trainables.metrics import (accuracy, confusion_matrix, expected_calibration_error, per_class_scores, predictions,
+                                weight_l2)
 from trainables.models import create_model
 from trainables.optim import add_l2_penalty_grad, create_loss, create_optimizer, create_schedule
 
 CHECKPOINT_FILE = "state.pt"
+# What every report holds: the only metrics a searcher or a scheduler can compare trials by.
+EPOCH_METRICS = ("epoch", "train_loss", "train_acc", "train_loss_running", "train_acc_running", "val_loss",
+                 "val_acc", "gen_gap", "weight_l2", "ece", "lr", "epoch_time_s", "samples_per_s")
+FINAL_METRICS = ("test_loss", "test_acc")  # reported once, with the last epoch, where a test split exists
 
 
 def apply_settings(base: dict[str, dict[str, Any]], flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -63,13 +71,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pick_device(choice: str) -> torch.device:
-    """The GPU Ray assigned (Ray sets CUDA_VISIBLE_DEVICES per trial), else the CPU."""
-    if choice == "cpu" or not torch.cuda.is_available():
-        if choice == "cuda":
-            raise RuntimeError("train.device is 'cuda' but no GPU is visible to this trial (set resources.gpu)")
-        return torch.device("cpu")
-    return torch.device("cuda")
+def assigned_gpus() -> list | None:
+    """The GPUs Ray gave this trial; None outside Ray (unit tests, benchmarks), where any visible GPU counts."""
+    return ray.get_gpu_ids() if ray.is_initialized() else None
+
+
+def pick_device(choice: str, gpu_ids: list | None, cuda_available: bool) -> torch.device:
+    """The GPU Ray assigned this trial, else the CPU.
+
+    Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for an actor that asks for no GPU, so such a trial on a GPU
+    node sees every GPU and torch.cuda.is_available() is True: only ray.get_gpu_ids() says whether the
+    GPU is this trial's. For a trial that has one, Ray narrows CUDA_VISIBLE_DEVICES to it, so it is cuda:0.
+    """
+    has_gpu = cuda_available and (gpu_ids is None or len(gpu_ids) > 0)
+    if choice == "cuda" and not has_gpu:
+        raise RuntimeError("train.device is 'cuda' but Ray assigned this trial no GPU (set resources.gpu)")
+    return torch.device("cuda" if has_gpu and choice != "cpu" else "cpu")
 
 
 def set_threads() -> None:
@@ -158,7 +175,34 @@ def load_checkpoint(checkpoint: tune.Checkpoint | None, device: torch.device) ->
             print(f"[sweep] {checkpoint.path} holds no {CHECKPOINT_FILE}: training this trial again from epoch 1",
                   file=sys.stderr)
             return None
-        return torch.load(path, map_location=device, weights_only=False)
+        # weights_only: tensors and plain containers only, so whoever can write to the shared storage
+        # cannot make a trial run code by planting a pickle there.
+        return torch.load(path, map_location=device, weights_only=True)
+
+
+def checkpoint_state(epoch: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule,
+                     scaler: torch.amp.GradScaler, loader: Loader) -> dict[str, Any]:
+    """Everything a trial needs to continue exactly: weights, optimizer, schedule, fp16 loss scale, RNGs."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict() if schedule else None, "scaler": scaler.state_dict(),
+            "loader_rng": loader.generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if loader.device.type == "cuda" else None, "epoch": epoch}
+
+
+def restore_state(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule,
+                  scaler: torch.amp.GradScaler, loader: Loader) -> int:
+    """Load `checkpoint_state`'s dict back; returns the epoch to continue from."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if schedule:
+        schedule.load_state_dict(state["schedule"])
+    if state.get("scaler"):  # an fp16 run's loss scale: without it a resumed trial skips steps to re-find it
+        scaler.load_state_dict(state["scaler"])
+    loader.generator.set_state(state["loader_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if loader.device.type == "cuda" and state.get("cuda_rng") is not None:  # dropout on the GPU draws from CUDA's
+        torch.cuda.set_rng_state(state["cuda_rng"])
+    return state["epoch"] + 1
 
 
 @torch.no_grad()
@@ -172,13 +216,21 @@ def evaluate(model: torch.nn.Module, loader: Loader, loss_fn, num_classes: int, 
             logits.append(model(x).float())
         labels.append(y)
     logits, labels = torch.cat(logits), torch.cat(labels)
-    probs = logits.softmax(dim=1)
+    preds = predictions(logits)
     return {
         "loss": loss_fn(logits, labels).item(),
         "acc": accuracy(logits, labels),
-        "ece": expected_calibration_error(probs, labels),
-        "confusion": confusion_matrix(logits.argmax(dim=1), labels, num_classes),
+        "ece": expected_calibration_error(logits.softmax(dim=1), labels),
+        "confusion": confusion_matrix(preds[preds >= 0], labels[preds >= 0], num_classes),
     }
+
+
+def train_sample(x: np.ndarray, y: np.ndarray, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed sample of `size` training images (the same every epoch) to measure train_* as val_* is measured."""
+    if size >= len(y):
+        return x, y
+    keep = np.sort(np.random.default_rng(seed).choice(len(y), size, replace=False))
+    return x[keep], y[keep]
 
 
 def train_trial(config: dict[str, Any], *, base: dict[str, dict[str, Any]], dataset: Dataset) -> None:
@@ -187,7 +239,7 @@ def train_trial(config: dict[str, Any], *, base: dict[str, dict[str, Any]], data
     data, model_cfg, optim_cfg, train_cfg = s["data"], s["model"], s["optim"], s["train"]
     set_threads()
     seed_everything(train_cfg["seed"])
-    device = pick_device(train_cfg["device"])
+    device = pick_device(train_cfg["device"], assigned_gpus(), torch.cuda.is_available())
     on_cuda = device.type == "cuda"
     torch.backends.cudnn.benchmark = on_cuda and train_cfg["cudnn_benchmark"]
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train_cfg["amp"])
@@ -209,41 +261,39 @@ def train_trial(config: dict[str, Any], *, base: dict[str, dict[str, Any]], data
     train_loader = Loader(train_x, train_y, batch_size=data["batch_size"], shuffle=True,
                           seed=train_cfg["seed"], augment=data["augment"], **common)
     val_loader = Loader(dataset.val_x, dataset.val_y, batch_size=data["eval_batch_size"], **common)
+    # As many training images as validation ones, so train_acc and val_acc are equally noisy in gen_gap.
+    fit_loader = Loader(*train_sample(train_x, train_y, len(dataset.val_y), data["split_seed"]),
+                        batch_size=data["eval_batch_size"], **common)
 
     start_epoch = 1
     state = load_checkpoint(tune.get_checkpoint(), device)
     if state:  # a retried or resumed trial continues where its last checkpoint left it
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if schedule:
-            schedule.load_state_dict(state["schedule"])
-        train_loader.generator.set_state(state["loader_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        if on_cuda and state.get("cuda_rng") is not None:  # dropout on the GPU draws from CUDA's generator
-            torch.cuda.set_rng_state(state["cuda_rng"])
-        start_epoch = state["epoch"] + 1
+        start_epoch = restore_state(state, model, optimizer, schedule, scaler, train_loader)
 
     epochs = train_cfg["epochs"]
     for epoch in range(start_epoch, epochs + 1):
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train_loss, train_acc, seen = train_epoch(model, train_loader, optimizer, loss_fn, scaler=scaler,
-                                                  autocast=autocast, l2_penalty=optim_cfg["l2_penalty"])
+        running_loss, running_acc, seen = train_epoch(model, train_loader, optimizer, loss_fn, scaler=scaler,
+                                                      autocast=autocast, l2_penalty=optim_cfg["l2_penalty"])
         epoch_time = time.perf_counter() - t0
         if schedule:
             schedule.step()
-        diverged = not np.isfinite(train_loss)
+        diverged = not np.isfinite(running_loss)
         last = epoch == epochs or diverged
         if not (last or epoch % train_cfg["report_every"] == 0):
             continue  # an epoch between reports: no validation, nothing sent to Tune
         val = evaluate(model, val_loader, loss_fn, dataset.num_classes, autocast)
+        fit = evaluate(model, fit_loader, loss_fn, dataset.num_classes, autocast)  # measured as val is
         metrics = {
             "epoch": epoch,
-            "train_loss": train_loss,
-            "train_acc": train_acc,
+            "train_loss": fit["loss"],
+            "train_acc": fit["acc"],
+            "train_loss_running": running_loss,
+            "train_acc_running": running_acc,
             "val_loss": val["loss"],
             "val_acc": val["acc"],
-            "gen_gap": train_acc - val["acc"],
+            "gen_gap": fit["acc"] - val["acc"],
             "weight_l2": weight_l2(model),
             "ece": val["ece"],
             "lr": lr,
@@ -255,19 +305,16 @@ def train_trial(config: dict[str, Any], *, base: dict[str, dict[str, Any]], data
             metrics["confusion_matrix"] = val["confusion"].tolist()
             metrics["classes"] = list(dataset.classes)
             metrics.update({f"class_{k}": v for k, v in per_class_scores(val["confusion"]).items()})
-            if dataset.test_x is not None and not metrics["diverged"]:
+            if dataset.test_x is not None:  # a diverged trial too: its test score is a result
                 test_loader = Loader(dataset.test_x, dataset.test_y, batch_size=data["eval_batch_size"], **common)
                 test = evaluate(model, test_loader, loss_fn, dataset.num_classes, autocast)
                 metrics["test_loss"], metrics["test_acc"] = test["loss"], test["acc"]
         if diverged or not (last or epoch % train_cfg["checkpoint_every"] == 0):
             tune.report(metrics)
         else:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "schedule": schedule.state_dict() if schedule else None,
-                     "loader_rng": train_loader.generator.get_state(), "torch_rng": torch.get_rng_state(),
-                     "cuda_rng": torch.cuda.get_rng_state() if on_cuda else None, "epoch": epoch}
             with tempfile.TemporaryDirectory() as folder:
-                torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
+                torch.save(checkpoint_state(epoch, model, optimizer, schedule, scaler, train_loader),
+                           os.path.join(folder, CHECKPOINT_FILE))
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
         export_live_metrics(metrics, config["arm"]["name"])
         if diverged:
