@@ -13,46 +13,79 @@ import numpy as np
 import pandas as pd
 
 from analysis.figures import FIGURES, NotApplicable
-from analysis.results import ResultsError, load_results
-from analysis.stats import holm, paired_test, summarize
+from analysis.results import FINISHED, ResultsError, load_results
+from analysis.stats import holm, paired_test, rank_key, summarize
 
 GOOD_LR_TOLERANCE = 0.01  # a tuning trial is "good" if its final metric is within this of its arm's best
+
+
+class ArmSeeds(NamedTuple):
+    """One arm's confirm stage: the final metric of each finished seed (indexed by seed), which diverged."""
+    values: pd.Series  # float; a diverged seed keeps its score, NaN/inf where that score is not finite
+    diverged: pd.Series  # bool, same index
+    planned: int  # seeds the confirm stage ran for this arm (finished or not)
+
+    def key(self, sign: int) -> tuple:
+        return rank_key(self.values, self.diverged, sign)
+
+    def facts(self, arm: str) -> str:
+        """`adam: 2 of 5 seeds diverged, 1 failed`, or "" when every planned seed finished normally."""
+        parts = [f"{int(self.diverged.sum())} of {self.planned} seeds diverged"] if self.diverged.any() else []
+        if len(self.values) < self.planned:
+            parts.append(f"{self.planned - len(self.values)} of {self.planned} did not finish")
+        return f"{arm}: {', '.join(parts)}" if parts else ""
 
 
 class Pair(NamedTuple):
     better: str
     worse: str
-    mean_diff: float  # mean over seeds of better - worse (in the metric's units, sign by mode)
-    p_value: float  # paired t-test, two-sided
+    mean_diff: float  # mean over paired seeds of better - worse (in the metric's units, sign by mode)
+    p_value: float  # paired t-test, two-sided; NaN when not testable
     p_holm: float  # Holm-adjusted over all pairs of arms
     significant: bool
+    n: int  # seeds both arms finished with a finite value: what the test used
+    why_not: str  # why the pair was not tested ("" when it was)
 
 
-def pairwise(values: dict[str, pd.Series], mode: str, alpha: float) -> list[Pair]:
-    """Every pair of arms, tested paired by seed; `values[arm]` is indexed by seed.
+def pairwise(arms: dict[str, ArmSeeds], mode: str, alpha: float) -> list[Pair]:
+    """Every pair of arms, tested paired by seed.
 
-    The family is all pairs, so with Holm's step-down the chance of any false "better" claim is at most alpha.
+    The family is all pairs, so with Holm's step-down the chance of any false "better" claim is at most
+    alpha. A pair is tested only when both arms have a finite score on every seed they finished: testing
+    the survivors of an arm that lost seeds to divergence would judge it on its lucky seeds.
     """
+    sign = 1 if mode == "max" else -1
     pairs = []
-    for a, b in itertools.combinations(values, 2):
-        joined = pd.concat([values[a], values[b]], axis=1, join="inner").to_numpy(float)
-        diff = float(np.nanmean(joined[:, 0] - joined[:, 1])) if len(joined) else np.nan
-        if (mode == "max") != (diff >= 0):
-            a, b, diff = b, a, -diff
-        test = paired_test(joined[:, 0], joined[:, 1]) if len(joined) else None
-        pairs.append((a, b, abs(diff), test.p_value if test else np.nan))
-    adjusted = holm([p for *_, p in pairs])
-    return [Pair(a, b, d, p, q, bool(q < alpha)) for (a, b, d, p), q in zip(pairs, adjusted)]
+    for a, b in itertools.combinations(arms, 2):
+        if arms[b].key(sign) > arms[a].key(sign):
+            a, b = b, a
+        joined = pd.concat([arms[a].values, arms[b].values], axis=1, join="inner").to_numpy(float)
+        finite = joined[np.isfinite(joined).all(axis=1)]
+        diff = sign * float((finite[:, 0] - finite[:, 1]).mean()) if len(finite) else np.nan
+        lost = [arm for arm in (a, b) if not np.isfinite(arms[arm].values).all()]
+        if lost:
+            why, p = f"{' and '.join(lost)} has no finite score on some seeds (diverged)", np.nan
+        else:
+            p = paired_test(joined[:, 0], joined[:, 1]).p_value if len(joined) else np.nan
+            why = "" if np.isfinite(p) else "fewer than 2 paired seeds, or the same difference on every seed"
+        pairs.append((a, b, diff, p, len(finite), why))
+    adjusted = holm([p for _, _, _, p, _, _ in pairs])
+    return [Pair(a, b, d, p, q, bool(q < alpha), n, why) for (a, b, d, p, n, why), q in zip(pairs, adjusted)]
 
 
-def verdict(pair: Pair, metric: str, n: int) -> str:
-    if not np.isfinite(pair.p_holm):
-        return f"{pair.better} vs {pair.worse}: not testable (fewer than 2 paired seeds, or identical results)"
+def verdict(pair: Pair, metric: str, arms: dict[str, ArmSeeds] | None = None) -> str:
+    """One sentence per pair of arms, with how many seeds each lost to divergence beside it."""
+    facts = "; ".join(f for f in (arms[pair.better].facts(pair.better), arms[pair.worse].facts(pair.worse)) if f) \
+        if arms else ""
+    facts = f"; {facts}" if facts else ""
+    if pair.why_not:
+        return f"{pair.better} ranks above {pair.worse}, not tested: {pair.why_not}{facts}"
+    stats = (f"paired t-test over {pair.n} seeds p = {pair.p_value:.3g}, Holm-adjusted p = {pair.p_holm:.3g}"
+             f"{facts}")
     if pair.significant:
-        return (f"{pair.better} is better than {pair.worse}: {metric} {pair.mean_diff:+.4f} on average over "
-                f"{n} seeds (paired t-test p = {pair.p_value:.3g}, Holm-adjusted p = {pair.p_holm:.3g})")
+        return f"{pair.better} is better than {pair.worse}: {metric} {pair.mean_diff:+.4f} on average ({stats})"
     return (f"{pair.better} vs {pair.worse}: no detectable difference at this budget ({metric} difference "
-            f"{pair.mean_diff:.4f}, paired t-test p = {pair.p_value:.3g}, Holm-adjusted p = {pair.p_holm:.3g})")
+            f"{pair.mean_diff:.4f}, {stats})")
 
 
 def lr_robustness(tune_trials: pd.DataFrame, metric: str, mode: str, lr_key: str = "optim.lr") -> pd.DataFrame:
@@ -77,33 +110,59 @@ def lr_robustness(tune_trials: pd.DataFrame, metric: str, mode: str, lr_key: str
     return pd.DataFrame(rows)
 
 
+def confirm_seeds(trials: pd.DataFrame, metric: str, seed_key: str | None) -> dict[str, ArmSeeds]:
+    """Arm -> its confirm-stage seeds. Finished trials (trained to the end, or diverged) are results;
+    a trial that failed or is still running is not, and is counted as not finished."""
+    arms = {}
+    for arm, group in trials.groupby("arm", sort=False):
+        done = group[group["status"].isin(FINISHED)]
+        index = done[seed_key] if seed_key else done.index
+        arms[arm] = ArmSeeds(pd.Series(done[f"final_{metric}"].astype(float).to_numpy(), index=index),
+                             pd.Series((done["status"] == "diverged").to_numpy(), index=index), len(group))
+    return arms
+
+
 def protocol_tables(results_dir: Path, alpha: float = 0.05) -> dict[str, object]:
     """The verdict table, the pairwise tests, the LR robustness table and compute per arm."""
     tune, confirm = load_results(results_dir / "tune"), load_results(results_dir / "confirm")
     metric = "test_acc" if "final_test_acc" in confirm.trials else confirm.metric
     mode = "max" if metric.endswith("acc") else confirm.mode
+    sign = 1 if mode == "max" else -1
     trials = confirm.trials
     seed_key = next((h for h in confirm.hyperparameters if h.rsplit(".", 1)[-1] == "seed"), None)
-    per_arm = {arm: g.set_index(seed_key)[f"final_{metric}"].astype(float) if seed_key else g[f"final_{metric}"]
-               for arm, g in trials.groupby("arm", sort=False)} if not trials.empty else {}
-    ranked = sorted(per_arm, key=lambda a: summarize(per_arm[a]).mean * (1 if mode == "max" else -1), reverse=True)
-    pairs = pairwise({a: per_arm[a] for a in ranked}, mode, alpha)
+    arms = confirm_seeds(trials, metric, seed_key) if not trials.empty else {}
+    ranked = sorted(arms, key=lambda a: arms[a].key(sign), reverse=True)
+    arms = {a: arms[a] for a in ranked}
+    pairs = pairwise(arms, mode, alpha)
     top = ranked[0] if ranked else None
     settings = [h for h in confirm.hyperparameters if h != seed_key]
     rows = []
     for rank, arm in enumerate(ranked, 1):
-        group = trials[trials["arm"] == arm]
-        acc, loss = summarize(group.get(f"final_{metric}", np.nan)), summarize(group.get("final_test_loss", np.nan))
+        group, seeds = trials[trials["arm"] == arm], arms[arm]
+        done = group[group["status"].isin(FINISHED)]
+        acc, loss = summarize(seeds.values), summarize(done.get("final_test_loss", np.nan))
         vs_top = next((p for p in pairs if {p.better, p.worse} == {arm, top}), None)
         first = group.iloc[0]
+        notes = [seeds.facts(arm).removeprefix(f"{arm}: ")]
+        fewer = max((len(arms[a].values) for a in ranked[rank:]), default=0)
+        if 0 < len(seeds.values) < fewer:
+            notes.append(f"ranked above arms with more finished seeds ({len(seeds.values)} against up to {fewer})")
+        if len(seeds.values) and seeds.diverged.all():
+            call = "diverged on every seed"
+        elif arm == top:
+            call = "top"
+        elif vs_top is None or vs_top.why_not:
+            call = "not tested" + (f": {vs_top.why_not}" if vs_top else "")
+        else:
+            call = "worse" if vs_top.significant else "no detectable difference"
         rows.append({
             "rank": rank, "arm": arm,
             "tuned_config": ", ".join(f"{k}={_fmt(first[k])}" for k in settings if k in first and not pd.isna(first[k])),
-            "n_seeds": acc.n, f"{metric}_mean": acc.mean, f"{metric}_ci95_low": acc.ci_low, f"{metric}_ci95_high": acc.ci_high,
+            "n_seeds": len(seeds.values), "n_diverged": int(seeds.diverged.sum()),
+            f"{metric}_mean": acc.mean, f"{metric}_ci95_low": acc.ci_low, f"{metric}_ci95_high": acc.ci_high,
             "test_loss_mean": loss.mean, "test_loss_ci95_low": loss.ci_low, "test_loss_ci95_high": loss.ci_high,
             "p_vs_top": vs_top.p_value if vs_top else np.nan, "p_holm_vs_top": vs_top.p_holm if vs_top else np.nan,
-            "verdict_vs_top": "top" if arm == top else ("worse" if vs_top and vs_top.significant
-                                                          else "no detectable difference"),
+            "verdict_vs_top": call, "note": "; ".join(n for n in notes if n),
         })
     compute = []
     for arm in ranked:
@@ -112,9 +171,9 @@ def protocol_tables(results_dir: Path, alpha: float = 0.05) -> dict[str, object]
                         "tune_seconds": float(np.nansum(t["wall_time_s"])), "confirm_trials": len(c),
                         "confirm_epochs": int(c["epochs_run"].sum()),
                         "confirm_seconds": float(np.nansum(c["wall_time_s"]))})
-    return {"tune": tune, "confirm": confirm, "metric": metric, "mode": mode, "pairs": pairs,
+    return {"tune": tune, "confirm": confirm, "metric": metric, "mode": mode, "pairs": pairs, "arms": arms,
             "verdicts": pd.DataFrame(rows), "robustness": lr_robustness(tune.trials, tune.metric, tune.mode),
-            "compute": pd.DataFrame(compute), "n_seeds": max((len(v) for v in per_arm.values()), default=0)}
+            "compute": pd.DataFrame(compute)}
 
 
 def _fmt(value) -> str:
@@ -146,7 +205,7 @@ def protocol_page(results_dir: Path, spec: dict, style: str, plotlyjs: str, html
         f"against seed i of another) for every pair of arms, Holm-corrected so the chance of any false "
         f"'better' claim is at most {protocol.get('alpha', 0.05)}.</p>")
     parts.append("<h2>Verdict</h2><ul>" + "".join(
-        f"<li>{html.escape(verdict(p, metric, t['n_seeds']))}</li>" for p in t["pairs"]) + "</ul>")
+        f"<li>{html.escape(verdict(p, metric, t['arms']))}</li>" for p in t["pairs"]) + "</ul>")
     parts += ["<h2>Per arm (confirm stage, test split)</h2>", html_table(verdicts)]
     parts += ["<h2>Learning-rate robustness (tune stage)</h2><p class='method'>Good trials: final "
               f"validation metric within {GOOD_LR_TOLERANCE} of the arm's best; the width of their learning-rate "
@@ -176,5 +235,5 @@ def is_protocol(results_dir: Path) -> bool:
     return (results_dir / "tune").is_dir() and (results_dir / "tune" / "spec.yaml").exists()
 
 
-__all__ = ["Pair", "pairwise", "verdict", "lr_robustness", "protocol_tables", "protocol_page", "is_protocol",
+__all__ = ["ArmSeeds", "Pair", "pairwise", "confirm_seeds", "verdict", "lr_robustness", "protocol_tables", "protocol_page", "is_protocol",
            "ResultsError"]

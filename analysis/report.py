@@ -92,6 +92,31 @@ def _write_protocol_report(results_dir: Path, out_dir: str | Path | None) -> Pat
     return out / "report.html"
 
 
+def console_summary(report_dir: str | Path) -> str:
+    """The report's ranking and verdicts for the terminal, read back from the tables it wrote, so the console
+    and comparison.md (or a protocol's verdicts.csv) always name the same winners."""
+    report_dir = Path(report_dir)
+    if (report_dir / "verdicts.csv").exists():  # a two-stage protocol
+        table, title = pd.read_csv(report_dir / "verdicts.csv"), "Protocol verdicts (confirm stage, test split)"
+        keep = ["rank", "arm", "tuned_config", "n_seeds", "n_diverged"]
+        keep += [c for c in table.columns if c.endswith("_mean") and not c.startswith("test_loss")][:1]
+        keep += [c for c in table.columns if c.endswith("ci95_low") and not c.startswith("test_loss")][:1]
+        keep += ["verdict_vs_top", "note"]
+    else:
+        table, title = pd.read_csv(report_dir / "comparison.csv", keep_default_na=False, na_values=[""]), "Comparison"
+        metric_mean = next(c for c in table.columns if c.endswith("_mean"))
+        prefix = metric_mean.removesuffix("_mean")
+        groups = table.columns[1:table.columns.get_loc("best_config")].tolist()
+        keep = ["rank", *groups, "best_config", "n_seeds", "n_seeds_diverged", metric_mean, f"{prefix}_std",
+                f"{prefix}_ci95_low", "distinguishable", "note"]
+    if table.empty:
+        return f"{title}: no trial has reported yet"
+    cells = display(table[[c for c in keep if c in table] + [c for c in table if c.endswith("ci95_high")]]
+                    .fillna({"note": ""}))
+    return f"\n{title} (as in {report_dir.name}/{'verdicts.csv' if 'verdict_vs_top' in keep else 'comparison.md'}):\n" \
+        + cells.to_string(index=False) + "\n"
+
+
 def _log(message: str) -> None:
     print(f"report: {message}", file=sys.stderr)
 
@@ -132,7 +157,9 @@ def _page(results: Results, comparison: Comparison, reference: pd.DataFrame | No
     if reference is not None:
         source = html.escape(str((results.spec.get("reference") or {}).get("source", "spec")))
         parts += [f"<h2>Published vs reproduced</h2><p class='method'>Published: {source}. Reproduced: mean and "
-                  "95% CI over the seeds of the arm's best configuration, final epoch.</p>", _html_table(reference)]
+                  "std over the seeds of the arm's best configuration, final epoch. 95% PI: where a single new run "
+                  "of ours would land (mean ± t·s·√(1 + 1/n)); a published number is one run, so it is judged "
+                  "against that, not against the CI of the mean.</p>", _html_table(reference)]
 
     parts.append("<h2>Figures</h2>" + ("" if figures else "<p>No figure applies yet (see below).</p>"))
     for key, fig in figures.items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,7 +137,7 @@ def _read_trial(trial_dir: Path, spec: dict):
         status = "diverged"
     elif (planned is not None and epochs_run >= planned) or "confusion_matrix" in last:
         status = "completed"
-    elif (trial_dir / "error.txt").exists():
+    elif _failed_for_good(trial_dir, last, spec):
         status = "error"
     elif last.get("done"):
         status = "stopped" if planned is not None else "completed"
@@ -148,6 +149,26 @@ def _read_trial(trial_dir: Path, spec: dict):
     row = {"trial_id": trial_id, "arm": arm, "config": flat, "status": status, "epochs_run": epochs_run,
            "epochs_planned": planned, "wall_time_s": wall, "trial_dir": trial_dir.name}
     return row, epochs, matrix
+
+
+def _failed_for_good(trial_dir: Path, last: dict, spec: dict) -> bool:
+    """Whether the trial's latest attempt failed and Tune will not retry it.
+
+    Ray appends "Failure # N (occurred at DATE)" to error.txt at each failure and retries while
+    N <= run.max_failures, so an earlier failure says nothing about a trial that is running again, or that
+    ASHA stopped after its retry. (Ray copies error.txt and result.json to storage from the driver, so their
+    modification times do not order the events.) Past the budget it failed for good, unless `sweep resume`
+    retried it since: then it reported after the failure.
+    """
+    try:
+        failures = re.findall(r"Failure # (\d+) \(occurred at ([^)]+)\)", (trial_dir / "error.txt").read_text())
+    except OSError:
+        return False
+    if not failures:
+        return True  # an error file we cannot read the count from: believe it
+    count, when = int(failures[-1][0]), failures[-1][1]
+    retried = count <= (spec.get("run") or {}).get("max_failures", 2) or str(last.get("date", "")) > when
+    return not retried
 
 
 def _read_json_lines(path: Path) -> list[dict]:

@@ -1,9 +1,11 @@
 """The comparison table: one row per arm (and per value of the spec's `compare_by` keys), holding that
 arm's best configuration, the mean, standard deviation and 95% CI of the search metric over its seeds,
-and Welch's t-test against the top row; plus the published-vs-reproduced table of `reference:`."""
+and Welch's t-test against the top row (Holm-corrected over all pairs); plus the published-vs-reproduced
+table of `reference:`, judged against a prediction interval for a single run."""
 
 from __future__ import annotations
 
+import itertools
 import sys
 from typing import NamedTuple
 
@@ -11,9 +13,9 @@ import numpy as np
 import pandas as pd
 
 from analysis.results import FINISHED, Results
-from analysis.stats import summarize, welch_test
+from analysis.stats import holm, prediction_interval, rank_key, summarize, welch_test
 
-ALPHA = 0.05  # significance level of the test against the top row
+ALPHA = 0.05  # family-wise error rate of the "distinguishable" verdicts
 CONFIDENCE = 0.95
 
 
@@ -49,78 +51,131 @@ def compare(results: Results) -> Comparison:
     groups, seeds = group_columns(results), seed_columns(results)
     settings = [h for h in results.hyperparameters if h not in seeds and h not in groups]
     mean, sign = f"{metric}_mean", (1 if results.mode == "max" else -1)
-    columns = ["rank", *groups, "best_config", "n_seeds", mean, f"{metric}_std", f"{metric}_ci95_low",
-               f"{metric}_ci95_high", "diff_vs_top", "p_value", "distinguishable", "n_configs", "n_trials",
-               "n_diverged", "note"]
+    columns = ["rank", *groups, "best_config", "n_seeds", "n_seeds_diverged", mean, f"{metric}_std",
+               f"{metric}_ci95_low", f"{metric}_ci95_high", "diff_vs_top", "p_value", "p_holm", "distinguishable",
+               "n_configs", "n_trials", "n_diverged", "note"]
     method = _method(results, groups, seeds)
     if trials.empty:
         return Comparison(pd.DataFrame(columns=columns), [], [], pd.Series(dtype=str), method)
     values = trials[f"final_{metric}"] if f"final_{metric}" in trials else pd.Series(np.nan, index=trials.index)
+    values = values.astype(float)
     group_of = trials.apply(lambda t: " · ".join([str(t["arm"]), *(f"{c}={_fmt(t[c])}" for c in groups[1:])]), axis=1)
     configs = trials[settings].map(str).agg("|".join, axis=1) if settings else pd.Series("", index=trials.index)
 
-    rows = []  # (row, label, trial index labels of the best configuration)
+    rows = []  # (row, label, trial index labels of the best configuration, rank key)
     for label, group in trials.groupby(group_of, sort=False):
-        pool, note = group[group["status"].isin(FINISHED)], ""
-        if pool.empty:  # show something for a sweep still running, clearly marked
+        pool, notes, unfinished = group[group["status"].isin(FINISHED)], [], None
+        if pool.empty:  # show something, clearly marked: a sweep still running, or an arm ASHA stopped everywhere
             pool = group[group["epochs_run"] > 0]
-            note = "provisional: no trial finished; last reported values" if len(pool) else "nothing reported yet"
-        best, best_ids = summarize([]), []
+            running = (group["status"] == "running").any()
+            unfinished = "not finished" if running else "stopped early"
+            notes.append("nothing reported yet" if pool.empty else "provisional: no trial finished; last reported values"
+                         if running else f"every trial was stopped early (after {_epochs(pool['epochs_run'].max())} "
+                         "at most): last reported values, ranked below rows with finished trials")
+        best_key, best_ids = (), []
         for _, config in pool.groupby(configs[pool.index], sort=False):
-            summary = summarize(values[config.index])
-            if _score(summary.mean, sign) > _score(best.mean, sign):
-                best, best_ids = summary, config.index.tolist()
-        if len(pool) and not best_ids:
-            note = f"no finite {metric}: every finished trial diverged to NaN/inf"
+            key = (unfinished is None, *rank_key(values[config.index], config["status"] == "diverged", sign))
+            if not best_ids or key > best_key:
+                best_key, best_ids = key, config.index.tolist()
+        best = summarize(values[best_ids])
+        missing = len(best_ids) - best.n  # finished seeds whose value is not finite (a diverged loss)
+        all_diverged = bool(best_ids) and not best_key[1]
+        if all_diverged:
+            notes.append("every seed of its best configuration diverged: ranked last")
+        if best_ids and best.n == 0:
+            notes.append(f"no finite {metric} on any seed")
+        elif missing:
+            notes.append(f"{missing} of {len(best_ids)} seeds have no finite {metric} (diverged): ranked below rows "
+                         f"with a value on every seed; mean and CI over the other {best.n}")
         varying = [s for s in settings if group[s].nunique(dropna=False) > 1]
         best_config = ", ".join(f"{s}={_fmt(trials.at[best_ids[0], s])}" for s in varying) if best_ids else ""
-        row = {**{c: group[c].iloc[0] for c in groups}, "best_config": best_config or "—", "n_seeds": best.n,
+        row = {**{c: group[c].iloc[0] for c in groups}, "best_config": best_config or "—", "n_seeds": len(best_ids),
+               "n_seeds_diverged": int((trials.loc[best_ids, "status"] == "diverged").sum()),
                mean: best.mean, f"{metric}_std": best.std, f"{metric}_ci95_low": best.ci_low,
-               f"{metric}_ci95_high": best.ci_high, "n_configs": int(configs[pool.index].nunique()),
-               "n_trials": len(group), "n_diverged": int((group["status"] == "diverged").sum()), "note": note}
-        rows.append((row, label, best_ids))
+               f"{metric}_ci95_high": best.ci_high, "n_configs": int(configs[group.index].nunique()),
+               "n_trials": len(group), "n_diverged": int((group["status"] == "diverged").sum()),
+               "untestable": _untestable(len(best_ids), missing, int(configs[group.index].nunique()), unfinished,
+                                         all_diverged),
+               "note": notes}
+        rows.append((row, label, best_ids, best_key))
 
-    rows.sort(key=lambda r: (-_score(r[0][mean], sign), -r[0]["n_seeds"]))
-    top, top_values = rows[0][0], values[rows[0][2]]
-    for rank, (row, _, ids) in enumerate(rows, start=1):
-        test = welch_test(top_values, values[ids])
-        row.update(rank=rank, diff_vs_top=row[mean] - top[mean], p_value=test.p_value if rank > 1 else np.nan,
-                   distinguishable=_verdict(rank, test.p_value, top["n_seeds"], row["n_seeds"]))
+    rows.sort(key=lambda r: r[3], reverse=True)
+    _test_against_top(rows, values, mean)
+    for rank, (row, _, ids, _) in enumerate(rows, start=1):
+        below = max((r[0]["n_seeds"] for r in rows[rank:]), default=0)
+        if 0 < row["n_seeds"] < below:
+            row["note"].append(f"ranked above rows with more seeds ({row['n_seeds']} against up to {below})")
+        row.update(rank=rank, note="; ".join(row["note"]))
     table = pd.DataFrame([r[0] for r in rows], columns=columns)
     return Comparison(table, [r[1] for r in rows], [trials.loc[r[2], "trial_id"].tolist() for r in rows],
                       pd.Series(group_of.to_numpy(), index=trials["trial_id"]), method)
 
 
-def _score(mean: float, sign: int) -> float:
-    return sign * mean if np.isfinite(mean) else -np.inf
+def _epochs(n) -> str:
+    return f"{int(n)} epoch{'s' * (int(n) != 1)}"
 
 
-def _verdict(rank: int, p_value: float, n_top: int, n_row: int) -> str:
-    if n_row == 0:
-        return "n/a (no value)"
-    if rank == 1:
-        return "top"
-    if min(n_row, n_top) < 2:
-        return f"n/a ({min(n_row, n_top)} seed)"
-    if not np.isfinite(p_value):
-        return "n/a (no variance)"
-    return "yes" if p_value < ALPHA else "no"
+def _untestable(n_seeds: int, missing: int, n_configs: int, unfinished: str | None, all_diverged: bool) -> str | None:
+    """Why a row's seeds cannot back a significance verdict, or None when they can."""
+    if n_seeds == 0:
+        return "no value"
+    if unfinished:
+        return unfinished
+    if all_diverged:
+        return "diverged on every seed"
+    if missing:
+        return f"{missing} seed{'s' * (missing > 1)} without a finite value"
+    if n_configs > 1:  # its best configuration was chosen on these very seeds: a test on them would favour it
+        return f"best of {n_configs} configurations, chosen on these seeds"
+    if n_seeds < 2:
+        return f"{n_seeds} seed"
+    return None
+
+
+def _test_against_top(rows: list, values: pd.Series, mean: str) -> None:
+    """Welch's test of the top row against each other row. Holm over every pair of testable rows keeps the
+    chance of any false "yes" at most ALPHA, however the top row came out on top."""
+    why = [row.pop("untestable") for row, *_ in rows]
+    testable = [i for i, reason in enumerate(why) if reason is None]
+    p = {(i, j): welch_test(values[rows[i][2]], values[rows[j][2]]).p_value
+         for i, j in itertools.combinations(testable, 2)}
+    adjusted = dict(zip(p, holm(list(p.values())))) if p else {}
+    top = rows[0][0]
+    for i, (row, *_) in enumerate(rows):
+        row.update(diff_vs_top=row[mean] - top[mean], p_value=p.get((0, i), np.nan),
+                   p_holm=adjusted.get((0, i), np.nan))
+        if i == 0:
+            row["distinguishable"] = "top" if row["n_seeds"] else "n/a (no value)"
+        elif why[i]:
+            row["distinguishable"] = f"n/a ({why[i]})"
+        elif why[0]:
+            row["distinguishable"] = f"n/a (top row: {why[0]})"
+        elif not np.isfinite(row["p_holm"]):
+            row["distinguishable"] = "n/a (no spread)"
+        else:
+            row["distinguishable"] = "yes" if row["p_holm"] < ALPHA else "no"
 
 
 def _method(results: Results, groups: list[str], seeds: list[str]) -> str:
     better = "higher" if results.mode == "max" else "lower"
     seed_text = f"trials differing only in {', '.join(seeds)}" if seeds else "trials with the same configuration"
     return (f"Metric: {results.metric} at each trial's final epoch ({better} is better). Only finished trials "
-            f"count (trained to the planned epochs, or diverged); trials stopped early, failed or still running "
-            f"do not, and non-finite values are dropped. One row per {' × '.join(groups)}: its best configuration, "
-            f"the one with the best mean over its seeds ({seed_text}). 95% CI: Student's t on the mean over seeds. "
-            f"Distinguishable: Welch's two-sided t-test against rank 1 at α = {ALPHA} (no correction for "
-            f"multiple comparisons); it needs at least 2 seeds on both sides.")
+            f"count: trained to the planned epochs, or diverged. A diverged seed is a result: it keeps the score its "
+            f"model has (outputs that are not finite count as wrong answers); a seed with no finite value ranks its "
+            f"row below every row with a value on every seed. Trials stopped early, failed or still running do not "
+            f"count. One row per {' × '.join(groups)}: its best configuration, the one with the best mean over its "
+            f"seeds ({seed_text}). 95% CI: Student's t on the mean over seeds. Distinguishable: Welch's two-sided "
+            f"t-test against rank 1, Holm-corrected over all pairs of testable rows, so the chance of any false "
+            f"'yes' is at most α = {ALPHA}. It needs at least 2 seeds on both sides, and a configuration fixed in "
+            f"the spec: a row that is the best of several configurations was chosen on the same seeds and would be "
+            f"favoured by a test on them (a protocol spec tunes first, then confirms on fresh seeds).")
 
 
 def reference_table(results: Results, comparison: Comparison) -> pd.DataFrame | None:
-    """Published numbers from the spec's `reference:` block beside the reproduced mean and 95% CI of the
-    same arm's best configuration (its top row in the comparison)."""
+    """Published numbers from the spec's `reference:` block beside what the same arm's best configuration
+    (its top row in the comparison) reproduced: mean and std over its seeds, and the 95% prediction
+    interval for a single run. A published number is one run, so "within" asks whether one more run of ours
+    could plausibly have given it (the CI of the mean would answer another question, and wrongly)."""
     reference = results.spec.get("reference") or {}
     if not reference.get("rows"):
         return None
@@ -135,37 +190,41 @@ def reference_table(results: Results, comparison: Comparison) -> pd.DataFrame | 
             row = {"arm": arm, "metric": metric, "published": value}
             column = f"final_{metric}"
             if arm not in arms or column not in trials:
-                rows.append({**row, "within_ci95": "not run" if arm not in arms else "not reported"})
+                rows.append({**row, "within_pi95": "not run" if arm not in arms else "not reported"})
                 continue
-            s = summarize(trials.loc[comparison.members[arms.index(arm)], column])
-            within = (f"n/a ({s.n} seed)" if s.n < 2 else "yes" if s.ci_low <= value <= s.ci_high else "no")
-            rows.append({**row, "reproduced_mean": s.mean, "ci95_low": s.ci_low, "ci95_high": s.ci_high,
-                         "n_seeds": s.n, "difference": s.mean - value, "within_ci95": within})
-    columns = ["arm", "metric", "published", "reproduced_mean", "ci95_low", "ci95_high", "n_seeds",
-               "difference", "within_ci95"]
+            seeds = trials.loc[comparison.members[arms.index(arm)], column]
+            s, (low, high) = summarize(seeds), prediction_interval(seeds, CONFIDENCE)
+            within = f"n/a ({s.n} seed)" if s.n < 2 else "yes" if low <= value <= high else "no"
+            rows.append({**row, "reproduced_mean": s.mean, "reproduced_std": s.std, "n_seeds": s.n,
+                         "pi95_low": low, "pi95_high": high, "difference": s.mean - value, "within_pi95": within})
+    columns = ["arm", "metric", "published", "reproduced_mean", "reproduced_std", "n_seeds", "pi95_low",
+               "pi95_high", "difference", "within_pi95"]
     return pd.DataFrame(rows).reindex(columns=columns)
 
 
 # Short headers for Markdown and HTML; the CSV keeps the exact column names.
-HEADERS = {"best_config": "best configuration", "n_seeds": "seeds", "diff_vs_top": "Δ vs top",
-           "p_value": "p (Welch)", "n_configs": "configs", "n_trials": "trials", "n_diverged": "diverged",
-           "reproduced_mean": "reproduced", "within_ci95": "published within CI"}
+HEADERS = {"best_config": "best configuration", "n_seeds": "seeds", "n_seeds_diverged": "seeds diverged",
+           "diff_vs_top": "Δ vs top", "p_value": "p (Welch)", "p_holm": "p (Holm)", "n_configs": "configs",
+           "n_trials": "trials", "n_diverged": "diverged", "reproduced_mean": "reproduced",
+           "reproduced_std": "std", "within_pi95": "published within 95% PI"}
+INTERVALS = {"ci95": "95% CI", "pi95": "95% PI"}  # column infix -> header of the combined "low – high" cell
 
 
 def display(table: pd.DataFrame) -> pd.DataFrame:
-    """The table as short strings (4 significant digits, p-values 2, each CI in one cell), for Markdown and HTML."""
+    """The table as short strings (4 significant digits, p-values 2, each interval in one cell), for Markdown and HTML."""
     columns = {}
     for column in table.columns:
-        if column.endswith("ci95_high"):
+        kind = next((k for k in INTERVALS if column.endswith(f"{k}_low") or column.endswith(f"{k}_high")), None)
+        if kind and column.endswith("_high"):
             continue
-        if column.endswith("ci95_low"):
+        if kind:
             high = table[column.removesuffix("low") + "high"]
-            prefix = column.removesuffix("_ci95_low")
-            label = "95% CI" if prefix == "" or f"{prefix}_mean" not in table else f"{prefix} 95% CI"
+            prefix = column.removesuffix(f"{kind}_low").removesuffix("_")
+            label = INTERVALS[kind] if not prefix or f"{prefix}_mean" not in table else f"{prefix} {INTERVALS[kind]}"
             columns[label] = [f"{_fmt(lo)} – {_fmt(hi)}" if np.isfinite(lo) else "—"
-                                 for lo, hi in zip(table[column].astype(float), high.astype(float), strict=True)]
-        elif column == "p_value":
-            columns[HEADERS[column]] = [f"{v:.2g}" if np.isfinite(v) else "—" for v in table[column].astype(float)]
+                              for lo, hi in zip(table[column].astype(float), high.astype(float), strict=True)]
+        elif column.startswith("p_"):
+            columns[HEADERS.get(column, column)] = [f"{v:.2g}" if np.isfinite(v) else "—" for v in table[column].astype(float)]
         else:
             columns[HEADERS.get(column, column)] = [_fmt(v) for v in table[column]]
     return pd.DataFrame(columns, index=table.index)
@@ -189,7 +248,9 @@ def comparison_markdown(results: Results, comparison: Comparison, reference: pd.
     if reference is not None:
         source = (results.spec.get("reference") or {}).get("source", "spec")
         parts += [f"## Published vs reproduced (source: {source})\n",
-                  "Reproduced: mean and 95% CI over the seeds of the arm's best configuration, final epoch.\n",
+                  "Reproduced: mean and std over the seeds of the arm's best configuration, final epoch. 95% PI: "
+                  "the prediction interval for a single new run, mean ± t·s·√(1 + 1/n); a published number is "
+                  "one run, so it is judged against where one run of ours would land.\n",
                   to_markdown(reference)]
     return "\n".join(parts)
 

@@ -28,11 +28,13 @@ def write_spec(results_dir: Path, spec: dict) -> Path:
     return results_dir
 
 
-def write_trial(results_dir: Path, index: int, config: dict, rows: list[dict], *,
-                done: bool = False, error: str | None = None, half_line: bool = False) -> Path:
+def write_trial(results_dir: Path, index: int, config: dict, rows: list[dict], *, done: bool = False,
+                error: str | None = None, failures: int = 3, half_line: bool = False) -> Path:
     """Writes one trial directory. `rows` are the metrics of each epoch (epoch numbers are added when
     missing); Ray's own keys are added as Ray writes them. `done` marks the last row as Ray does when
-    the trial ends normally or ASHA stops it; `half_line` appends a half-written line."""
+    the trial ends normally or ASHA stops it; `error` writes Ray's error.txt with `failures` failures (by
+    default one more than the default run.max_failures of 2: failed for good); `half_line` appends a
+    half-written line."""
     trial_id = f"{EXPERIMENT}_{index:05d}"
     arm = config.get("arm", {}).get("name", "default")
     seed = config.get("train.seed", 0)
@@ -51,8 +53,10 @@ def write_trial(results_dir: Path, index: int, config: dict, rows: list[dict], *
     if half_line:
         lines.append(f'{{"epoch": {len(rows) + 1}, "val_acc": 0.5, "train_lo')
     (trial_dir / "result.json").write_text("".join(line + "\n" for line in lines))
-    if error:
-        (trial_dir / "error.txt").write_text(f"Failure # 1\nTraceback (most recent call last):\n{error}\n")
+    if error:  # as Ray's Trial.handle_error appends it, once per failure
+        (trial_dir / "error.txt").write_text("".join(
+            f"Failure # {k} (occurred at 2026-11-23_18-00-00)\nTraceback (most recent call last):\n{error}\n"
+            for k in range(1, failures + 1)))
     return trial_dir
 
 

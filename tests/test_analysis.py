@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,9 +14,11 @@ import pytest
 from results_fixtures import curve_rows, spec_for, synthetic_sweep, write_spec, write_trial
 
 from analysis import ResultsError, load_results, write_report
+from analysis.results import Results
 from analysis.figures import (MAX_POINTS, NotApplicable, _confusion_info, _curves_info, _early_stopping_info,
                               _parallel_info, _sensitivity_info, make_figure, other_metrics)
-from analysis.tables import compare, reference_table
+from analysis.stats import prediction_interval, summarize
+from analysis.tables import ALPHA, compare, reference_table
 
 T_975_DF2 = 4.302652729911275
 # Final val_acc of each seed. Arm a's best configuration is lr=1e-3 (mean 0.92, std 0.02); b is clearly
@@ -83,6 +86,22 @@ def test_statuses_partial_and_damaged_files(tmp_path):
     assert math.isnan(row["final_train_loss"]) and math.isinf(row["final_val_loss"])
 
 
+def test_status_follows_the_latest_attempt(tmp_path):
+    # Ray appends to error.txt at each failure and retries while failures <= run.max_failures: an earlier
+    # failure says nothing about a trial that trained on afterwards.
+    write_spec(tmp_path, spec_for(epochs=4, scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2},
+                                  run={"max_failures": 1}))
+    config = {"arm": {"name": "a"}, "train.seed": 0}
+    write_trial(tmp_path, 0, config, curve_rows(0.9, 4)[:2], done=True, error="OOM", failures=1)  # retried, stopped
+    write_trial(tmp_path, 1, config, curve_rows(0.9, 4)[:3], error="OOM", failures=1)  # retried, running
+    write_trial(tmp_path, 2, config, curve_rows(0.9, 4)[:2], error="OOM", failures=2)  # past its budget
+    retried = write_trial(tmp_path, 3, config, curve_rows(0.9, 4)[:3], error="OOM", failures=2)
+    lines = [json.loads(line) | {"date": "2026-11-24_09-00-00"} for line in (retried / "result.json").read_text().splitlines()]
+    (retried / "result.json").write_text("".join(json.dumps(line) + "\n" for line in lines))  # `sweep resume` retried it
+    statuses = load_results(tmp_path).trials["status"].tolist()
+    assert statuses == ["stopped", "running", "error", "running"]
+
+
 def test_best_epoch_differs_from_final_epoch(tmp_path):
     write_spec(tmp_path, spec_for(epochs=3))
     rows = curve_rows(0.8, 3)
@@ -141,11 +160,97 @@ def test_comparison_ranks_arms_with_known_means_intervals_and_tests(known):
     assert a[["val_acc_mean", "val_acc_std", "val_acc_ci95_low", "val_acc_ci95_high"]].tolist() == \
         pytest.approx([0.92, 0.02, 0.92 - half, 0.92 + half])
     assert a["distinguishable"] == "top" and math.isnan(a["p_value"])
-    assert table.loc["b", "p_value"] == pytest.approx(0.0028544, abs=1e-6)
     assert table.loc["b", "diff_vs_top"] == pytest.approx(-0.12)
-    assert table.loc["b", "distinguishable"] == "yes"
-    assert table.loc["c", "distinguishable"] == "no" and table.loc["c", "p_value"] > 0.05
+    # a's row is the better of two configurations, chosen on these very seeds: testing it on them would favour it
+    for arm in "cb":
+        assert table.loc[arm, "distinguishable"] == "n/a (top row: best of 2 configurations, chosen on these seeds)"
+        assert math.isnan(table.loc[arm, "p_value"])
     assert table.loc["d", "distinguishable"] == "n/a (1 seed)" and math.isnan(table.loc["d", "val_acc_std"])
+
+
+def test_fixed_configurations_are_tested_against_the_top_with_holm(tmp_path):
+    results = load_results(build_known(tmp_path, compare_by=["lr"]))  # one configuration per row
+    table = compare(results).table.set_index(["arm", "optim.lr"])
+    assert table.index.tolist() == [("a", 1e-3), ("c", 1e-3), ("a", 1e-2), ("b", 1e-3), ("d", 1e-3)]
+    b = table.loc[("b", 1e-3)]
+    assert b["p_value"] == pytest.approx(0.0028544, abs=1e-6)  # Welch, as worked out by hand in test_stats
+    # Holm over the 6 pairs of the 4 testable rows (d has one seed): at least the raw p, at most 6 times it
+    assert b["p_value"] < b["p_holm"] <= 6 * b["p_value"] and b["distinguishable"] == "yes"
+    assert table.loc[("c", 1e-3), "distinguishable"] == "no" and table.loc[("c", 1e-3), "p_holm"] > 0.05
+    assert table.loc[("d", 1e-3), "distinguishable"] == "n/a (1 seed)"
+
+
+def _results(finals: dict[str, list[float]], *, configs: dict[str, int] | None = None, mode: str = "max",
+             diverged: dict[str, list[bool]] | None = None, metric: str = "val_acc") -> Results:
+    """Results in memory: each arm's seeds' final metric (trial i of an arm is seed i % n_seeds of
+    configuration i // n_seeds, with `configs[arm]` configurations), for simulations of many sweeps."""
+    rows = []
+    for arm, values in finals.items():
+        n_configs = (configs or {}).get(arm, 1)
+        for i, value in enumerate(values):
+            gone = (diverged or {}).get(arm, [False] * len(values))[i]
+            rows.append({"trial_id": f"{arm}{i}", "arm": arm, "optim.lr": 10.0 ** -(i % n_configs),
+                         "train.seed": i // n_configs, "status": "diverged" if gone else "completed",
+                         "epochs_run": 3, f"final_{metric}": value})
+    spec = {"name": "sim", "search": {"metric": metric, "mode": mode}}
+    return Results(Path("sim"), spec, pd.DataFrame(rows), pd.DataFrame(), False, ["optim.lr", "train.seed"],
+                   [metric], {})
+
+
+def test_equal_arms_are_called_distinguishable_at_most_alpha_of_the_time():
+    # Five arms from one distribution, 5 seeds each: the chance of any false "yes" stays at or below
+    # alpha (Holm over all pairs), although the top row is the luckiest of the five.
+    rng, repeats = np.random.default_rng(3), 600
+    false = sum(any(compare(_results({f"arm{k}": list(0.95 + 0.01 * rng.standard_normal(5)) for k in range(5)}))
+                    .table["distinguishable"] == "yes") for _ in range(repeats))
+    assert false / repeats <= ALPHA + 3 * math.sqrt(ALPHA * (1 - ALPHA) / repeats)
+    # A real gap is still found: 3 points at a noise of 1 point with 5 seeds
+    found = sum(compare(_results({"good": list(0.95 + 0.01 * rng.standard_normal(5)),
+                                  "bad": list(0.92 + 0.01 * rng.standard_normal(5))})).table["distinguishable"].iloc[1]
+                == "yes" for _ in range(200))
+    assert found >= 180
+
+
+def test_a_row_chosen_among_configurations_gets_no_verdict_on_its_own_seeds():
+    # Arm a is the best of 8 configurations of equal quality, b has one: on the same seeds a's selected
+    # configuration is biased upwards, so a test on them would call a better far too often.
+    rng = np.random.default_rng(4)
+    results = _results({"a": list(0.95 + 0.01 * rng.standard_normal(8 * 3)), "b": list(0.95 + 0.01 * rng.standard_normal(3))},
+                       configs={"a": 8})
+    table = compare(results).table.set_index("arm")
+    assert table.loc["a", "n_configs"] == 8
+    verdict = table.loc["b" if table.index[0] == "a" else "a", "distinguishable"]
+    assert verdict.startswith("n/a (") and "best of 8 configurations, chosen on these seeds" in verdict
+
+
+def test_diverged_seeds_count_and_an_arm_that_always_diverged_ranks_last():
+    # flaky diverged on 2 of 5 seeds; its diverged seeds keep the accuracy their model has (0.1), so they
+    # pull its mean down instead of being dropped. dead diverged on every seed and ranks last.
+    results = _results({"steady": [0.90, 0.91, 0.92, 0.90, 0.91], "flaky": [0.97, 0.98, 0.97, 0.1, 0.1],
+                        "dead": [0.95, 0.96, 0.95, 0.96, 0.95]},
+                       diverged={"flaky": [False, False, False, True, True], "dead": [True] * 5})
+    table = compare(results).table.set_index("arm")
+    assert table.index.tolist() == ["steady", "flaky", "dead"]
+    assert table.loc["flaky", "n_seeds"] == 5 and table.loc["flaky", "n_seeds_diverged"] == 2
+    assert table.loc["flaky", "val_acc_mean"] == pytest.approx(np.mean([0.97, 0.98, 0.97, 0.1, 0.1]))
+    assert table.loc["dead", "distinguishable"] == "n/a (diverged on every seed)"
+    assert "every seed of its best configuration diverged: ranked last" in table.loc["dead", "note"]
+
+
+def test_a_seed_without_a_finite_value_ranks_its_arm_below_complete_ones():
+    # val_loss of a diverged seed is inf: its arm cannot be judged on its survivors.
+    results = _results({"steady": [0.30, 0.31, 0.32], "lucky": [0.10, 0.11, math.inf]}, mode="min",
+                       diverged={"lucky": [False, False, True]}, metric="val_loss")
+    table = compare(results).table.set_index("arm")
+    assert table.index.tolist() == ["steady", "lucky"]
+    assert table.loc["lucky", "distinguishable"] == "n/a (1 seed without a finite value)"
+    assert "1 of 3 seeds have no finite val_loss (diverged)" in table.loc["lucky", "note"]
+
+
+def test_a_row_ranked_on_fewer_seeds_says_so():
+    results = _results({"few": [0.99, 0.98], "many": [0.90, 0.91, 0.92, 0.90, 0.91]})
+    table = compare(results).table.set_index("arm")
+    assert table.index[0] == "few" and "ranked above rows with more seeds (2 against up to 5)" in table.loc["few", "note"]
 
 
 def test_comparison_groups_by_compare_by_keys(tmp_path):
@@ -171,14 +276,45 @@ def test_comparison_of_a_running_sweep_is_provisional(tmp_path):
     assert row["note"].startswith("provisional") and row["n_seeds"] == 1
 
 
-def test_reference_table_compares_published_numbers_with_the_interval(known):
+def test_an_arm_asha_stopped_everywhere_ranks_below_finished_ones(tmp_path):
+    # Its score after 1 epoch is higher than the finished arm's after 4, but it is not comparable with it.
+    write_spec(tmp_path, spec_for(epochs=4, scheduler={"name": "asha", "grace_period": 1, "max_t": 4}))
+    write_trial(tmp_path, 0, {"arm": {"name": "finished"}}, curve_rows(0.80, 4), done=True)
+    write_trial(tmp_path, 1, {"arm": {"name": "cut"}}, curve_rows(0.95, 4)[:1], done=True)
+    table = compare(load_results(tmp_path)).table.set_index("arm")
+    assert table.index.tolist() == ["finished", "cut"]
+    assert table.loc["cut", "distinguishable"] == "n/a (stopped early)"
+    assert table.loc["cut", "note"].startswith("every trial was stopped early (after 1 epoch at most)")
+
+
+def test_reference_table_compares_published_numbers_with_the_prediction_interval(known):
     reference = reference_table(known, compare(known)).set_index(["arm", "metric"])
-    assert reference.loc[("a", "val_acc"), "within_ci95"] == "yes"  # 0.93 inside 0.92 ± 0.0497
-    assert reference.loc[("a", "val_acc"), "difference"] == pytest.approx(0.92 - 0.93)
-    assert reference.loc[("b", "val_acc"), "within_ci95"] == "no"
+    a = reference.loc[("a", "val_acc")]
+    half = T_975_DF2 * 0.02 * math.sqrt(1 + 1 / 3)  # a single new run: t * s * sqrt(1 + 1/n) = 0.0994
+    assert (a["pi95_low"], a["pi95_high"]) == pytest.approx((0.92 - half, 0.92 + half))
+    assert a["within_pi95"] == "yes" and a["difference"] == pytest.approx(0.92 - 0.93)
+    assert reference.loc[("b", "val_acc"), "within_pi95"] == "no"  # 0.90 against 0.80 ± 0.0497
     assert reference.loc[("b", "val_loss"), "n_seeds"] == 3
-    assert reference.loc[("e", "val_acc"), "within_ci95"] == "not run"
+    assert reference.loc[("e", "val_acc"), "within_pi95"] == "not run"
     assert reference_table(dataclasses.replace(known, spec={}), compare(known)) is None
+
+
+@pytest.mark.parametrize("n", [5, 20])
+def test_a_published_run_from_the_same_distribution_lands_inside_at_the_nominal_rate(n):
+    # The question "could one run of ours have given the published number?": a new run from the very same
+    # distribution must fall inside 95% of the time. The CI of the mean, used before, said "outside" 32% of
+    # the time at 5 seeds and 66% at 20.
+    rng, repeats = np.random.default_rng(n), 4000
+    inside_pi = inside_ci = 0
+    for _ in range(repeats):
+        seeds, published = 0.95 + 0.01 * rng.standard_normal(n), 0.95 + 0.01 * rng.standard_normal()
+        low, high = prediction_interval(seeds)
+        inside_pi += low <= published <= high
+        s = summarize(seeds)
+        inside_ci += s.ci_low <= published <= s.ci_high
+    tolerance = 3 * math.sqrt(0.05 * 0.95 / repeats)
+    assert abs(inside_pi / repeats - 0.95) <= tolerance
+    assert inside_ci / repeats < 0.75
 
 
 # -- figure data -----------------------------------------------------------------------------------
@@ -274,7 +410,7 @@ def test_write_report_writes_every_table_atomically(tmp_path):
     assert pd.read_csv(out / "comparison.csv")["arm"].tolist() == ["a", "c", "b", "d"]
     markdown = (out / "comparison.md").read_text()
     assert "Welch's two-sided t-test" in markdown and "## Published vs reproduced (source: paper)" in markdown
-    assert "| 1 | a | optim.lr=0.001 | 3 | 0.92 | 0.02 | 0.8703 – 0.9697 |" in markdown
+    assert "| 1 | a | optim.lr=0.001 | 3 | 0 | 0.92 | 0.02 | 0.8703 – 0.9697 |" in markdown
 
 
 def test_report_html_is_self_contained_and_ordered(tmp_path):
