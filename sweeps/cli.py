@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from analysis import ResultsError
-from sweeps.spec import SpecError, bundled_specs, count_trials, load_spec
+from sweeps.spec import SpecError, SweepFailed, bundled_specs, count_trials, load_spec
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -97,11 +97,14 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def _report(results_dir: str) -> None:
+    """Write the report, then print its comparison: the console and comparison.md name the same winners."""
     if "://" in results_dir:
         print(f"results in {results_dir}; copy them locally and run `sweep report DIR` for the report")
         return
-    from analysis import write_report
-    print(f"report: {write_report(results_dir)}")
+    from analysis import console_summary, write_report
+    page = write_report(results_dir)
+    print(console_summary(page.parent))
+    print(f"report: {page}")
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
@@ -204,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, ResultsError) as err:  # bad user input: one line, exit 2
         print(f"sweep: error: {err}", file=sys.stderr)
         return 2
+    except SweepFailed as err:  # it ran, and no trial gave a result
+        print(f"sweep: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

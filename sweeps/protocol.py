@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sweeps.runner import (SPEC_FILE, build_tuner, check_local_fit, new_results_dir, prepare_data, read_spec, say,
-                           start_ray, storage_uri, write_text)
+from sweeps.runner import (SPEC_FILE, build_tuner, check_failures, check_local_fit, new_results_dir, prepare_data,
+                           read_spec, say, sizes_said, start_ray, storage_uri, write_text)
 from sweeps.spec import Spec, SpecError, count_trials, dump_spec, validate_spec
 
 TUNE, CONFIRM = "tune", "confirm"
@@ -46,12 +46,16 @@ def confirm_spec(spec: Spec, tuned: dict[str, dict[str, Any]]) -> Spec:
     return validate_spec(raw, f"{spec.name}/{CONFIRM}")
 
 
-def tuned_settings(tune_dir: Path, metric: str, mode: str) -> dict[str, dict[str, Any]]:
-    """Arm -> the settings of its best stage-1 trial (final value of `metric`), seed left out.
+# Which stage-1 trials may name an arm's tuned configuration, in order of preference: those that ran the
+# full budget; else those stopped early (or cut short by a failure); a diverged trial only when the arm has
+# nothing else with a finite score (it is then confirmed, and the verdict says it diverged).
+TUNED_FROM = (("completed",), ("stopped", "error", "running"), ("diverged",))
 
-    Trials that ran the full budget are preferred; an arm whose every trial was stopped early or
-    diverged falls back to its best last-reported value.
-    """
+
+def tuned_settings(tune_dir: Path, metric: str, mode: str) -> dict[str, dict[str, Any]]:
+    """Arm -> the settings of its best stage-1 trial (final value of `metric`), seed left out."""
+    import numpy as np
+
     from analysis import load_results
 
     trials = load_results(tune_dir).trials
@@ -59,9 +63,11 @@ def tuned_settings(tune_dir: Path, metric: str, mode: str) -> dict[str, dict[str
     tuned = {}
     for arm, group in trials.groupby("arm", sort=False):
         score = sign * group[f"final_{metric}"].astype(float)
-        finished = group["status"] == "completed"
-        pool = score[finished].dropna() if finished.any() and score[finished].notna().any() else score.dropna()
-        if pool.empty:
+        for statuses in TUNED_FROM:
+            pool = score[group["status"].isin(statuses) & np.isfinite(score)]
+            if len(pool):
+                break
+        else:
             raise SpecError(f"{tune_dir}: arm {arm} has no trial with a finite {metric}; nothing to confirm")
         config = json.loads((tune_dir / group.loc[pool.idxmax(), "trial_dir"] / "params.json").read_text())
         settings = {k: v for k, v in config["arm"].items() if k != "name"}
@@ -80,6 +86,7 @@ def run_protocol(spec: Spec, *, storage: str | None = None, address: str | None 
                         "so it needs a local or shared file system path")
     results_dir = Path(storage) / spec.name if resume else Path(new_results_dir(storage, spec.name))
     dataset = prepare_data(spec)
+    spec.notes = [*spec.notes, *sizes_said(spec)] if not resume else spec.notes
     start_ray(address, dashboard=dashboard, storage=str(results_dir))
     if not address:
         check_local_fit(spec)
@@ -112,4 +119,4 @@ def _run_stage(results_dir: Path, stage: str, make_spec, dataset) -> None:
         say(f"stage {stage}: {sum(count_trials(stage_spec).values())} trials")
         write_text(str(stage_dir / SPEC_FILE), dump_spec(stage_spec))
         tuner = build_tuner(stage_spec, dataset, storage=str(results_dir))
-    tuner.fit()
+    check_failures(tuner.fit())

@@ -10,20 +10,16 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import optuna
 import pyarrow.fs
 import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
-# Imported here, not in build_tuner: optuna keeps the traceback of a failed optional import, whose frames
-# would then hold build_tuner's locals (the dataset) in the driver for good.
-from ray.tune.search.optuna import OptunaSearch
 
 from sweeps.cluster import check_shared_storage, token_hint, use_token_if_found
-from sweeps.space import OptunaSpace, param_space
-from sweeps.spec import Spec, SpecError, count_trials, dump_spec, validate_spec
+from sweeps.space import PerArmOptuna, param_space
+from sweeps.spec import Spec, SpecError, SweepFailed, count_trials, dump_spec, size_notes, validate_spec
 from trainables.data import DataError, Dataset, load_dataset
 
 SPEC_FILE = "spec.yaml"
@@ -50,6 +46,8 @@ def smoke_spec(spec: Spec) -> Spec:
     if raw["scheduler"]["max_t"]:
         raw["scheduler"]["max_t"] = min(raw["scheduler"]["max_t"], 3)
     raw["resources"] = {"cpu": min(raw["resources"]["cpu"], 1), "gpu": 0}  # what any laptop has
+    if raw["train"]["device"] == "cuda":
+        raw["train"]["device"] = "auto"
     caps = {"epochs": 3, "train_subset": raw["data"]["train_subset"], "report_every": 1}  # values an arm or the space sets
 
     def shrink(settings: dict[str, Any]) -> None:
@@ -199,15 +197,13 @@ def build_tuner(spec: Spec, dataset: Dataset, *, storage: str, restore: str | No
 
     metric, mode = spec.search.metric, spec.search.mode
     if spec.search.algorithm == "optuna":
-        searcher = OptunaSearch(space=OptunaSpace(spec), metric=metric, mode=mode,
-                                sampler=optuna.samplers.TPESampler(seed=spec.search.seed))
+        searcher = PerArmOptuna(spec)
         if spec.search.max_concurrent:
             searcher = ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)
         space, num_samples = None, sum(count_trials(spec).values())
-    else:
-        searcher = BasicVariantGenerator(random_state=spec.search.seed,
-                                         max_concurrent=spec.search.max_concurrent or 0)
-        space, num_samples = param_space(spec), spec.search.num_samples
+    else:  # every configuration is drawn in param_space; Tune only crosses them with the seeds
+        searcher = BasicVariantGenerator(max_concurrent=spec.search.max_concurrent or 0)
+        space, num_samples = param_space(spec), 1
     if spec.scheduler.name == "asha":
         max_t = spec.scheduler.max_t or max_epochs(spec)
         scheduler = ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=spec.scheduler.grace_period,
@@ -316,6 +312,7 @@ def run_sweep(spec: Spec, *, storage: str | None = None, address: str | None = N
     dataset = prepare_data(spec)
     if spec.smoke and dataset.note:
         spec.notes = [*spec.notes, dataset.note]
+    spec.notes = [*spec.notes, *sizes_said(spec)]
     if spec.scheduler.name == "asha" and not spec.scheduler.max_t:
         spec.scheduler.max_t = max_epochs(spec)  # the spec as run states the rung ladder in full
     start_ray(address, dashboard=dashboard, storage=storage)
@@ -327,7 +324,7 @@ def run_sweep(spec: Spec, *, storage: str | None = None, address: str | None = N
         f"results in {results_dir}")
     tuner = build_tuner(spec, dataset, storage=storage)
     del dataset  # trials read the object store's copy; the driver's own would pay for the data twice
-    print_best_per_arm(tuner.fit(), spec)
+    check_failures(tuner.fit())
     return results_dir
 
 
@@ -347,7 +344,7 @@ def resume_sweep(results_dir: str, *, address: str | None = None, dashboard: boo
     say(f"resuming {spec.name} from {results_dir}")
     tuner = build_tuner(spec, dataset, storage=results_dir.rsplit("/", 1)[0], restore=results_dir)
     del dataset  # trials read the object store's copy; the driver's own would pay for the data twice
-    print_best_per_arm(tuner.fit(), spec)
+    check_failures(tuner.fit())
     return results_dir
 
 
@@ -384,24 +381,21 @@ def check_checkpoint(folder: Path) -> None:
                         "to train that trial again from epoch 1")
 
 
-def print_best_per_arm(results, spec: Spec) -> None:
-    """One line per arm: its best trial by the spec's metric (last reported value) and what it used."""
-    metric, mode = spec.search.metric, spec.search.mode
-    frame = results.get_dataframe()
-    if frame.empty or metric not in frame:
-        say("no trial reported a result")
+def sizes_said(spec: Spec) -> list[str]:
+    """Say what the sizes mean for this run (a batch larger than the training split); returns the notes."""
+    notes = size_notes(spec)
+    for note in notes:
+        say(f"note: {note}")
+    return notes
+
+
+def check_failures(results) -> None:
+    """One line about trials that failed for good; SweepFailed when every trial did (nothing to report)."""
+    failed = [r for r in results if r.error]
+    if not failed:
         return
-    frame = frame.rename(columns=lambda c: c.removeprefix("config/arm/").removeprefix("config/"))
-    best = frame.sort_values(metric, ascending=mode == "min").groupby("name", sort=False).head(1)
-    searched = [c for c in frame.columns if "." in c and c != "train.seed" and frame[c].nunique() > 1]
-    columns = ["name", metric, "epoch", *searched]
-    table = best[[c for c in columns if c in best]].rename(columns={"name": "arm"})
-    errors = sum(1 for r in results if r.error)
-    print(f"\nBest trial per arm by {metric} ({mode}), {len(frame)} trials"
-          + (f", {errors} errored" if errors else "") + ":")
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    for result in results:
-        if result.error:
-            first_line = next(iter(str(result.error).strip().splitlines()), type(result.error).__name__)
-            say(f"errored after {spec.run.max_failures} retries: {result.path} ({first_line}); "
-                f"traceback in its error.txt; `sweep resume` retries it")
+    where = f"{failed[0].path}/error.txt"
+    if len(failed) == len(results):
+        raise SweepFailed(f"all {len(failed)} trials failed; the first error is in {where}")
+    say(f"{len(failed)} of {len(results)} trials failed after their retries; the first error is in {where}; "
+        "`sweep resume` retries them")

@@ -2,17 +2,32 @@
 
 Every trial's config has the same shape, whichever searcher made it:
     {"arm": {"name": "adam", "optim.optimizer": "adam", "optim.lr": 0.0012}, "train.seed": 0}
-The `arm` dict holds the arm's name and its own settings; the other keys are the shared space.
-The trainable lays these dotted settings over the spec's sections (`trainables.train.resolve_settings`).
+The `arm` dict holds the arm's name and every setting of this configuration (the arm's own and the
+shared space's); `train.seed`, the replicate, sits beside it (or inside it, when the arm has its own
+seeds). The trainable lays these dotted settings over the spec's sections
+(`trainables.train.resolve_settings`).
+
+Seeds are replicates, never searched: a configuration is drawn once and trained with every seed of the
+seed grid, so "mean over seeds" is the mean of one configuration, not the best of many.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+import pickle
+import zlib
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import optuna
 from ray import tune
+from ray.tune.search import Searcher
 
 from sweeps.spec import Domain, Spec
+
+SEED = "train.seed"
 
 
 def _tune_domain(domain: Domain) -> Any:
@@ -26,17 +41,45 @@ def _tune_domain(domain: Domain) -> Any:
     }[domain.kind]()
 
 
-def _to_tune(settings: dict[str, Any]) -> dict[str, Any]:
-    return {k: _tune_domain(v) if isinstance(v, Domain) else v for k, v in settings.items()}
+def _plain(value: Any) -> Any:
+    """numpy scalars (what Tune's samplers return) as Python numbers, for params.json and spec files."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def param_space(spec: Spec) -> dict[str, Any]:
-    """Tune's param_space for grid/random search: a grid over arms, each with its own sub-space."""
-    arms = [{"name": arm, **_to_tune(settings)} for arm, settings in spec.arm_settings().items()]
-    return {"arm": tune.grid_search(arms), **_to_tune(spec.space_settings())}
+    """Tune's param_space for grid and random search: one grid over every configuration, crossed with the seeds.
+
+    Configurations are drawn here, with `search.seed`: for each of `num_samples` repeats, each arm and each
+    point of its grids (the arm's and the shared space's), random domains are sampled once. Tune is left
+    only the seed grids to expand, so every seed of a configuration trains the same hyperparameters.
+    """
+    rng = np.random.default_rng(spec.search.seed)
+    shared = spec.space_settings()
+    shared_seed = shared.pop(SEED, None)
+    configs = []
+    for _ in range(spec.search.num_samples):
+        for arm, own in spec.arm_settings().items():
+            settings = {**shared, **own}
+            arm_seed = settings.pop(SEED, None)
+            grids = [k for k, v in settings.items() if isinstance(v, Domain) and v.kind == "grid"]
+            for point in itertools.product(*(settings[k].values for k in grids)):
+                config = {"name": arm}
+                for key, value in settings.items():
+                    if key in grids:
+                        value = point[grids.index(key)]
+                    elif isinstance(value, Domain):
+                        value = _plain(_tune_domain(value).sample(random_state=rng))
+                    config[key] = value
+                if arm_seed is not None:  # the arm's own seeds: Tune crosses them with this configuration only
+                    config[SEED] = _tune_domain(arm_seed) if isinstance(arm_seed, Domain) else arm_seed
+                configs.append(config)
+    space = {"arm": tune.grid_search(configs)}
+    if shared_seed is not None:
+        space[SEED] = _tune_domain(shared_seed) if isinstance(shared_seed, Domain) else shared_seed
+    return space
 
 
-def _suggest(trial: Any, name: str, domain: Domain) -> Any:
+def _suggest(trial: optuna.Trial, name: str, domain: Domain) -> Any:
     """Ask an Optuna trial for one value of `domain` under `name`."""
     if domain.kind == "choice":
         return trial.suggest_categorical(name, list(domain.values))
@@ -45,25 +88,87 @@ def _suggest(trial: Any, name: str, domain: Domain) -> Any:
     return trial.suggest_float(name, *domain.values, log=domain.kind == "loguniform")
 
 
-class OptunaSpace:
-    """A define-by-run search space for OptunaSearch (a class, not a closure: Tune pickles it with the searcher).
+def startup_trials(spec: Spec) -> int:
+    """Random trials each arm's TPE starts with: the spec's, else Optuna's 10, at most half the arm's budget."""
+    return spec.search.startup_trials or max(1, min(10, spec.search.num_samples // 2))
 
-    Arms take turns (trial k gets arm k mod n), so every arm gets the same budget. Each arm's
-    parameters have their own Optuna names (`adam:optim.lr`), so TPE models each arm separately.
+
+@dataclass
+class _Live:
+    """A Tune trial in flight, as PerArmOptuna tracks it."""
+    arm: str
+    trial: optuna.Trial
+    planned: int  # epochs it runs unless the scheduler stops it
+    steps: set[int] = field(default_factory=set)  # epochs already told to Optuna
+
+
+class PerArmOptuna(Searcher):
+    """Optuna's TPE with one study per arm, so each arm is modelled on its own trials only.
+
+    One study over every arm would rank all finished trials together: an arm that trails the others never
+    has a trial in TPE's "good" set and is in effect searched at random, and the start-up trials are counted
+    study-wide (two per arm for five arms). Here each arm has its own sampler (seeded by the arm's name, so
+    an arm searched beside others gets the very suggestions it would get alone), its own start-up trials and
+    `num_samples` trials; arms take turns, so their budgets never differ by more than one in flight.
+    A trial the scheduler stopped early is told to Optuna as pruned, not as complete with a partial score.
     """
 
     def __init__(self, spec: Spec):
-        self.arms = spec.arm_settings()
-        self.shared = spec.space_settings()
+        super().__init__(metric=spec.search.metric, mode=spec.search.mode)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # one log line per trial is Tune's job
+        self.arms = {arm: {**spec.space_settings(), **own} for arm, own in spec.arm_settings().items()}
+        self.budget = spec.search.num_samples
+        self.default_epochs = spec.train.epochs
+        self.max_t = spec.scheduler.max_t if spec.scheduler.name == "asha" else None
+        direction = "maximize" if spec.search.mode == "max" else "minimize"
+        self.studies = {
+            arm: optuna.create_study(direction=direction, study_name=arm, sampler=optuna.samplers.TPESampler(
+                seed=(spec.search.seed + zlib.crc32(arm.encode())) % 2**32, n_startup_trials=startup_trials(spec)))
+            for arm in self.arms}
+        self.asked = dict.fromkeys(self.arms, 0)
+        self.live: dict[str, _Live] = {}  # by Tune trial id
 
-    def __call__(self, captor: Any) -> dict[str, Any]:
-        trial = captor.ot_trial  # suggest on the raw Optuna trial: the config we return is the whole config
-        names = list(self.arms)
-        arm = names[trial.number % len(names)]
-        trial.set_user_attr("arm", arm)
-        config: dict[str, Any] = {"arm": {"name": arm}}
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        open_arms = [arm for arm in self.arms if self.asked[arm] < self.budget]
+        if not open_arms:
+            return Searcher.FINISHED
+        arm = min(open_arms, key=self.asked.__getitem__)  # the arm with the fewest trials; ties in spec order
+        trial = self.studies[arm].ask()
+        config = {"name": arm}
         for key, value in self.arms[arm].items():
-            config["arm"][key] = _suggest(trial, f"{arm}:{key}", value) if isinstance(value, Domain) else value
-        for key, value in self.shared.items():
             config[key] = _suggest(trial, key, value) if isinstance(value, Domain) else value
-        return config
+        planned = int(config.get("train.epochs", self.default_epochs))
+        self.asked[arm] += 1
+        self.live[trial_id] = _Live(arm, trial, min(planned, self.max_t or planned))
+        return {"arm": config}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        live = self.live.get(trial_id)
+        value, step = result.get(self.metric), result.get("epoch")
+        if live and step is not None and _finite(value) and step not in live.steps:  # a resumed trial may repeat one
+            live.trial.report(float(value), int(step))
+            live.steps.add(step)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        live = self.live.pop(trial_id, None)
+        if live is None:
+            return
+        study, value = self.studies[live.arm], (result or {}).get(self.metric)
+        if error or not _finite(value):
+            study.tell(live.trial, state=optuna.trial.TrialState.FAIL)
+        elif result.get("epoch", live.planned) < live.planned and not result.get("diverged"):
+            study.tell(live.trial, state=optuna.trial.TrialState.PRUNED)  # stopped early by the scheduler
+        else:
+            study.tell(live.trial, float(value))
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

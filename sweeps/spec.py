@@ -9,6 +9,8 @@ by its bare name (`lr`); a value is either fixed or a search domain such as `{lo
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import re
 from importlib import resources
@@ -19,16 +21,20 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt,
                       PositiveFloat, PositiveInt, ValidationError, model_validator)
 
-from trainables.data import DATASETS
+from trainables.data import DATASETS, SOURCES, split_sizes
 from trainables.models import MODELS
 from trainables.optim import OPTIMIZERS
-from trainables.train import apply_settings
+from trainables.train import EPOCH_METRICS, FINAL_METRICS, apply_settings
 
 MAX_TRIALS = 10_000  # a spec that expands past this is almost certainly a typo (e.g. a grid of grids)
 
 
 class SpecError(Exception):
     """Bad user input. The message is one line naming the file (or flag) and the field."""
+
+
+class SweepFailed(Exception):
+    """The sweep ran but no trial produced a result; the message is one line saying where to look."""
 
 
 class Strict(BaseModel):
@@ -47,8 +53,8 @@ class DataSettings(Strict):
     name: str = "mnist5k"                               # dataset registry name (trainables.data.DATASETS)
     data_dir: str | None = None                         # torchvision files; default $SWEEP_DATA_DIR or ~/.cache/sweeps/data
     download: bool = False                              # let torchvision download missing files
-    train_subset: PositiveInt | None = None             # stratified subset of the training split, images
-    val_split: float | Literal["test"] = 0.1            # validation fraction carved from train, or "test": official test split
+    train_subset: PositiveInt | None = None             # images each trial trains on (stratified, after val_split)
+    val_split: float | Literal["test"] = 0.1            # fraction of the source's train split held out, or "test": official test split
     split_seed: int = 0                                 # seeds the data splits; the same for every trial
     resize: PositiveInt | None = None                   # resize to resize x resize pixels, per batch on the device
     normalize: Literal["channel", "pixel", "none"] = "channel"  # per-channel mean/std or per-pixel standardisation, fit on train
@@ -101,6 +107,11 @@ class OptimSettings(Strict):
             raise ValueError(f"optimizer: unknown optimizer {self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov: Nesterov momentum needs momentum > 0")
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"betas: each must be in [0, 1), got {list(self.betas)}")
+        if self.schedule == "multistep" and not self.milestones:
+            raise ValueError("milestones: schedule multistep needs the epochs at which lr is multiplied by gamma, "
+                             "e.g. milestones: [150, 200]")
         return self
 
 
@@ -227,7 +238,8 @@ class Search(Strict):
     max_concurrent: PositiveInt | None = None           # cap on trials running at once (default: as many as fit)
     metric: str = "val_acc"                             # what "best" means, for the searcher, ASHA and the report
     mode: Literal["max", "min"] = "max"
-    seed: int = 0                                       # seeds random sampling / the Optuna sampler
+    seed: int = 0                                       # seeds random sampling / the Optuna samplers
+    startup_trials: PositiveInt | None = None           # optuna: random trials per arm before TPE (default 10, <= half num_samples)
 
 
 class Scheduler(Strict):
@@ -325,12 +337,146 @@ def _check_values(spec: Spec) -> None:
                 for candidate in value.candidates():
                     _validate_sections(apply_settings(base, {**fixed, path: candidate}),
                                        lambda p, msg: f"{where(path)}.{path}: {candidate!r}: {msg}")
-    if spec.search.algorithm == "optuna":
-        for where, values in [("space", shared)] + [(f"arms.{a}", s) for a, s in arms.items()]:
+    _check_search(spec, shared, arms)
+    _check_devices(spec, base, shared, arms)
+    _check_subsets(spec, shared, arms)
+    _check_model_inputs(spec, base, shared, arms)
+
+
+RANDOM_KINDS = ("choice", "uniform", "loguniform", "int")  # drawn anew for every sampled configuration
+
+
+def _direction(metric: str) -> str | None:
+    """The mode a metric is naturally optimised in, where there is one."""
+    if "_acc" in metric:
+        return "max"
+    if "_loss" in metric or metric == "ece":
+        return "min"
+    return None
+
+
+def _check_search(spec: Spec, shared: dict[str, Value], arms: dict[str, dict[str, Value]]) -> None:
+    """The metric trials are compared by, seeds as replicates, and repeats that would be identical trials."""
+    metric, mode = spec.search.metric, spec.search.mode
+    if metric in FINAL_METRICS:
+        raise ValueError(f"search.metric: {metric} is reported once, after the last epoch, so neither the searcher "
+                         "nor ASHA could compare trials by it while they run (and tuning on the test split would "
+                         "leak it into the choice); use val_acc or val_loss")
+    if metric not in EPOCH_METRICS or metric == "epoch":
+        raise ValueError(f"search.metric: {metric!r} is not a metric every trial reports at every report; "
+                         f"choose one of {[m for m in EPOCH_METRICS if m != 'epoch']}")
+    if _direction(metric) and _direction(metric) != mode:
+        raise ValueError(f"search.mode: {metric} is better when {'higher' if mode == 'min' else 'lower'}; "
+                         f"use mode: {_direction(metric)}")
+    places = [("space", shared)] + [(f"arms.{a}", s) for a, s in arms.items()]
+    for where, values in places:
+        seed = values.get("train.seed")
+        if isinstance(seed, Domain) and spec.search.algorithm == "optuna":
+            raise ValueError(f"{where}.train.seed: seeds are replicates, never searched, and under optuna each trial "
+                             "runs one seed: fix it (seed: 0) and repeat the tuned configuration over seeds with "
+                             "protocol: {confirm_seeds: 5}")
+        if isinstance(seed, Domain) and seed.kind != "grid":
+            raise ValueError(f"{where}.train.seed: seeds are replicates, never searched: list them as a grid, "
+                             "e.g. seed: {grid: [0, 1, 2]}, and every configuration is trained with each")
+        if spec.search.algorithm == "optuna":
             for path, value in values.items():
                 if isinstance(value, Domain) and value.kind == "grid":
                     raise ValueError(f"{where}.{path}: grid domains need search.algorithm grid or random; "
                                      "with optuna use choice")
+    if spec.search.algorithm != "optuna" and spec.search.num_samples > 1:
+        for arm, own in arms.items():
+            drawn = [p for p, v in {**shared, **own}.items() if isinstance(v, Domain) and v.kind in RANDOM_KINDS]
+            if not drawn:
+                n = spec.search.num_samples
+                raise ValueError(f"search.num_samples: {n} repeats of arm {arm} would be {n} identical trials (none of "
+                                 "its settings is drawn at random); repeat it over seeds instead, with "
+                                 "space: {seed: {grid: [0, 1, 2]}} and num_samples: 1")
+
+
+def _check_devices(spec: Spec, base: dict, shared: dict[str, Value], arms: dict[str, dict[str, Value]]) -> None:
+    for arm, own in arms.items():
+        if apply_settings(base, _fixed({**shared, **own}))["train"]["device"] == "cuda" and not spec.resources.gpu:
+            where = f"arms.{arm}.train.device" if "train.device" in own else "train.device"
+            raise ValueError(f"{where}: 'cuda' needs a GPU for each trial; set resources.gpu (a fraction shares one "
+                             "GPU between trials) or use device: auto")
+
+
+def _candidates(value: Value) -> list[Any]:
+    return value.candidates() if isinstance(value, Domain) else [value]
+
+
+def _check_subsets(spec: Spec, shared: dict[str, Value], arms: dict[str, dict[str, Value]]) -> None:
+    """`train_subset` means the images a trial trains on, after the validation split, wherever it is set."""
+    pool, _ = split_sizes(spec.data.name, val_split=spec.data.val_split)
+    loaded = spec.data.train_subset or pool
+    if loaded > pool:
+        raise ValueError(f"data.train_subset: {spec.data.name} has {pool} training images after the validation "
+                         f"split (val_split {spec.data.val_split}), fewer than {loaded}")
+    for arm, own in arms.items():
+        settings = {**shared, **own}
+        for subset in _candidates(settings.get("data.train_subset")):
+            if subset is not None and subset > loaded:
+                where = f"arms.{arm}" if "data.train_subset" in own else "space"
+                raise ValueError(f"{where}.data.train_subset: {subset} is more than the {loaded} training images the "
+                                 f"sweep loads ({'data.train_subset' if spec.data.train_subset else spec.data.name + ' after val_split'})")
+
+
+def size_notes(spec: Spec) -> list[str]:
+    """What the user should know about sizes: a batch larger than the training split is one batch per epoch."""
+    pool, _ = split_sizes(spec.data.name, val_split=spec.data.val_split)
+    shared, notes = spec.space_settings(), []
+    for arm, own in spec.arm_settings().items():
+        settings = {**shared, **own}
+        subsets = [v for v in _candidates(settings.get("data.train_subset")) if v is not None]
+        images = min(subsets) if subsets else spec.data.train_subset or pool
+        for batch in _candidates(settings.get("data.batch_size", spec.data.batch_size)):
+            if batch > images:
+                notes.append(f"{f'arms.{arm}' if arm in spec.arms else 'data'}: batch_size {batch} is larger than "
+                             f"the {images} training images, so each epoch is one batch of {images}")
+    return notes
+
+
+def _check_model_inputs(spec: Spec, base: dict, shared: dict[str, Value], arms: dict[str, dict[str, Value]]) -> None:
+    """Every arm's model must take its images: a forward pass on the meta device (no memory, no compute)."""
+    source = SOURCES[spec.data.name]
+    for arm, own in arms.items():
+        settings = {**shared, **own}
+        shaped = {path: v.candidates() for path, v in settings.items() if isinstance(v, Domain)
+                  and (path.startswith("model.") or path == "data.resize")}
+        # Every trial takes one candidate of each such domain: try each against the first of the others.
+        first = {**_fixed(settings), **{path: values[0] for path, values in shaped.items()}}
+        for path, candidate in [(None, None), *((p, c) for p, values in shaped.items() for c in values[1:])]:
+            s = apply_settings(base, {**first, **({path: candidate} if path else {})})
+            size = s["data"]["resize"] or source.shape[1]
+            problem = model_input_problem(source.shape[0], size, source.num_classes,
+                                          json.dumps(s["model"], sort_keys=True))
+            if problem:  # name the field that made the mismatch: the arm's own setting before the shared one
+                field = path or next((k for k in ("model.name", "data.resize", *own) if k in own and
+                                      (k.startswith("model.") or k == "data.resize")), None) \
+                    or ("data.resize" if s["data"]["resize"] else "model.name")
+                where = f"arms.{arm}" if field in own else "space" if field in shared else None
+                label = (f"{where}.{field}" if where else field) + (f": {candidate!r}" if path else "")
+                raise ValueError(f"{label}: model {s['model']['name']} cannot take {source.shape[0]}x{size}x{size} "
+                                 f"images ({problem})")
+
+
+@functools.cache
+def model_input_problem(channels: int, size: int, num_classes: int, model_json: str) -> str | None:
+    """Why the model section `model_json` cannot run on channels x size x size images, or None when it can
+    (cached: `sweep list` checks every bundled spec)."""
+    import torch
+
+    from trainables.models import create_model
+
+    model = json.loads(model_json)
+    try:
+        with torch.device("meta"):
+            net = create_model(model.pop("name"), in_channels=channels, num_classes=num_classes, image_size=size,
+                               **model)
+            net(torch.empty(2, channels, size, size))
+    except (RuntimeError, ValueError) as err:
+        return str(err).strip().splitlines()[0]
+    return None
 
 
 def first_error(err: ValidationError, prefix: tuple = ()) -> tuple[str, str]:

@@ -36,7 +36,7 @@ PUBLISHED = {
     # AlexNet, most likely measured on the LeNet-5 the authors' code loads: both pairs of arms carry them.
     "alexnet-cifar100-sgd-vs-adamw": [
         (prefix + arm, metric, value) for prefix in ("", "lenet_") for arm, metric, value in
-        [("sgd", "train_loss", 0.742), ("sgd", "val_acc", 0.22), ("adamw", "train_loss", 1.680),
+        [("sgd", "train_loss_running", 0.742), ("sgd", "val_acc", 0.22), ("adamw", "train_loss_running", 1.680),
          ("adamw", "val_acc", 0.31)]],
     "alexnet-cifar100-lr-sensitivity": [],  # seed 001 names the sweep, publishes no results
     "mnist-optimizers": [],  # line 12, seed 002: "none published"
@@ -61,7 +61,8 @@ PUBLISHED = {
         ("sgd_l2_1e-2", "val_acc", 95.46), ("sgd_l2_1e-3", "val_acc", 97.19),
     ]),
 }
-FINAL_METRICS = {"train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc"}  # what a trial ends with
+FINAL_METRICS = {"train_loss", "train_acc", "train_loss_running", "train_acc_running", "val_loss", "val_acc",
+                 "test_loss", "test_acc"}  # what a trial ends with
 
 
 @pytest.mark.parametrize("name", BUNDLED)
@@ -108,7 +109,8 @@ def test_smoke_keeps_every_arm_and_fits_a_laptop(name):
 
 def test_smoke_reports_every_epoch_whatever_cadence_the_spec_sets():
     spec, _ = load_spec("quickstart", ["train.report_every=5", "train.checkpoint_every=10"])
-    spec = spec.model_copy(update={"arms": {"sparse": {"train.report_every": 2, "train.checkpoint_every": 4}}})
+    spec = spec.model_copy(update={"arms": {"sparse": {"train.report_every": 2, "train.checkpoint_every": 4,
+                                                       "optim.lr": {"loguniform": [1e-3, 1e-1]}}}})
     smoke = smoke_spec(spec)  # a checkpoint at epoch 3 only would clash with reports every 2 or 5 epochs
     assert smoke.train.report_every == 1 and smoke.arm_settings()["sparse"]["train.report_every"] == 1
 

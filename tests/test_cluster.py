@@ -274,7 +274,7 @@ def test_submit_runs_the_sweep_as_a_job_and_the_job_commands_manage_it(cluster, 
 
     code, out, err = sweep("logs", job_id, "--address", cluster.url, "--follow")
     assert code == 0 and f"job {job_id}: SUCCEEDED" in out, out[-3000:]
-    assert "Best trial per arm" in out
+    assert "Comparison (as in report/comparison.md)" in out
 
     results = storage / "as-a-job"
     trials = trial_results(results)
@@ -284,7 +284,7 @@ def test_submit_runs_the_sweep_as_a_job_and_the_job_commands_manage_it(cluster, 
     code, out, err = sweep("jobs", "--address", cluster.url)
     line = next(line for line in out.splitlines() if line.startswith(job_id))
     assert line.split()[1] == "SUCCEEDED" and "as-a-job" in line and str(results) in line
-    assert "Best trial per arm" in sweep("logs", job_id, "--address", cluster.url)[1]
+    assert "Comparison (as in report/comparison.md)" in sweep("logs", job_id, "--address", cluster.url)[1]
     code, out, err = sweep("logs", "raysubmit_nosuchjob", "--address", cluster.url)
     assert code == 2 and "job raysubmit_nosuchjob: no such job" in err
 

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 from ray import tune
 
+from analysis import load_results
 from conftest import REPO, run_cli, trial_results, write_spec
 from trainables.train import CHECKPOINT_FILE, load_checkpoint
 
@@ -148,6 +149,11 @@ def test_a_killed_worker_is_retried_from_its_checkpoint_until_the_budget_is_spen
         for after_epoch in (2, 4):  # the first kill is retried; the second exceeds max_failures: 1
             rows = wait_for(lambda: reached(results, "sgd_", after_epoch))
             os.kill(rows[-1]["pid"], signal.SIGKILL)  # the trial's actor process, as Tune recorded it
+            if after_epoch == 2:  # retried and training again: the report says running, not failed
+                wait_for(lambda: next(results.glob("sgd_*/error.txt"), None))
+                wait_for(lambda: reached(results, "sgd_", 3))
+                status = load_results(results).trials.set_index("arm").loc["sgd", "status"]
+                assert status == "running", status
         finish(driver, tmp_path / "run.log")
     finally:
         kill_group(driver)
@@ -172,6 +178,9 @@ def test_a_diverging_arm_stops_cleanly_and_the_report_says_so(tmp_path, tiny_spe
     assert done.returncode == 0, done.stderr[-3000:]
     absurd, sane = rows_of(tmp_path / "tiny", "absurd_"), rows_of(tmp_path / "tiny", "sane_")
     assert [r["diverged"] for r in absurd] == [True], "stops at the first non-finite epoch"
+    # A diverged trial is a result: scored as its model scores, NaN outputs counting as wrong answers (argmax
+    # of NaN would have "predicted" one class and scored its share, 10%), on the test split too.
+    assert absurd[-1]["val_acc"] == 0.0 and absurd[-1]["test_acc"] == 0.0
     assert [r["epoch"] for r in sane] == [1, 2, 3] and not any(r["diverged"] for r in sane)
     trials = pd.read_csv(tmp_path / "tiny" / "report" / "trials.csv").set_index("arm")
     assert trials.loc["absurd", "diverged"] and trials.loc["absurd", "status"] == "diverged"

@@ -44,7 +44,31 @@ BAD = [  # (spec changes, text the one-line error must contain)
     ({"arms": {"a": {"wat": 1}}}, "arms.a.wat: unknown setting 'wat'"),
     ({"arms": {"a b": {}}}, "arms.a b: arm names use letters"),
     ({"space": {"lr": {"grid": [0.1]}}, "arms": {"a": {"lr": 0.2}}}, "arms.a.optim.lr: also set in space"),
-    ({"space": {"seed": {"grid": [0, 1]}}, "search": {"algorithm": "optuna"}}, "space.train.seed: grid domains need"),
+    ({"space": {"seed": {"grid": [0, 1]}}, "search": {"algorithm": "optuna"}},
+     "space.train.seed: seeds are replicates, never searched, and under optuna each trial runs one seed"),
+    ({"space": {"seed": {"choice": [0, 1]}}, "search": {"algorithm": "optuna"}}, "space.train.seed: seeds are replicates"),
+    ({"arms": {"a": {"seed": {"int": [0, 9]}}}, "search": {"algorithm": "random"}},
+     "arms.a.train.seed: seeds are replicates, never searched: list them as a grid"),
+    ({"space": {"batch_size": {"grid": [32, 64]}}, "search": {"algorithm": "optuna"}},
+     "space.data.batch_size: grid domains need search.algorithm grid or random; with optuna use choice"),
+    ({"search": {"num_samples": 3}}, "search.num_samples: 3 repeats of arm base would be 3 identical trials"),
+    ({"search": {"metric": "val_accuracy"}}, "search.metric: 'val_accuracy' is not a metric every trial reports"),
+    ({"search": {"metric": "test_acc"}}, "search.metric: test_acc is reported once, after the last epoch"),
+    ({"search": {"metric": "val_loss"}}, "search.mode: val_loss is better when lower; use mode: min"),
+    ({"search": {"metric": "train_acc", "mode": "min"}}, "search.mode: train_acc is better when higher; use mode: max"),
+    ({"data__resize": 16, "model__name": "alexnet"}, "data.resize: model alexnet cannot take 1x16x16 images"),
+    ({"data__resize": 32, "arms": {"big": {"model.name": "alexnet"}, "small": {}}},
+     "arms.big.model.name: model alexnet cannot take 1x32x32 images"),
+    ({"model__name": "alexnet_cifar", "arms": {"a": {"resize": {"grid": [32, 40]}}}},
+     "arms.a.data.resize: 40: model alexnet_cifar cannot take 1x40x40 images"),
+    ({"data__train_subset": 3700}, "data.train_subset: mnist5k has 3600 training images after the validation split"),
+    ({"data__train_subset": 1900, "arms": {"a": {"train_subset": 2000}}},
+     "arms.a.data.train_subset: 2000 is more than the 1900 training images the sweep loads"),
+    ({"arms": {"a": {"train_subset": {"grid": [100, 4000]}}}},
+     "arms.a.data.train_subset: 4000 is more than the 3600 training images the sweep loads"),
+    ({"train__device": "cuda"}, "train.device: 'cuda' needs a GPU for each trial; set resources.gpu"),
+    ({"optim__schedule": "multistep"}, "optim.milestones: schedule multistep needs the epochs"),
+    ({"arms": {"a": {"betas": [1.5, 0.9]}}}, "arms.a.optim.betas: each must be in [0, 1), got [1.5, 0.9]"),
     ({"space": {"seed": {"grid": list(range(200))}, "batch_size": {"grid": list(range(1, 101))}}}, "expands to 20,000 trials"),
     ({"data__val_split": 1.5}, "data.val_split: must be a fraction"),
     ({"name": "has space"}, "name: String should match pattern"),
@@ -76,19 +100,20 @@ def test_bare_names_resolve_to_their_section_and_are_unambiguous():
 
 
 def test_trial_counts_cross_arm_grids_with_shared_space():
-    raw = spec_with(arms={"a": {"lr": {"grid": [0.1, 0.01, 0.001]}, "momentum": {"grid": [0.0, 0.9]}},
+    raw = spec_with(arms={"a": {"lr": {"grid": [0.1, 0.01, 0.001]}, "momentum": {"grid": [0.0, 0.9]},
+                                "batch_size": {"choice": [32, 64]}},
                           "b": {"optimizer": "adam", "lr": {"loguniform": [1e-4, 1e-2]}}},
                     space={"seed": {"grid": [0, 1, 2]}}, search={"num_samples": 2})
     spec = validate_spec(raw, "x")
     assert count_trials(spec) == {"a": 3 * 2 * 3 * 2, "b": 1 * 3 * 2}
-    variants = [v for _ in range(spec.search.num_samples) for _, v in generate_variants(param_space(spec))]
+    variants = [v for _, v in generate_variants(param_space(spec))]
     assert len(variants) == sum(count_trials(spec).values())
     for v in variants:  # each arm keeps its own settings and sub-space
         assert v["train.seed"] in (0, 1, 2)
         if v["arm"]["name"] == "b":
             assert v["arm"]["optim.optimizer"] == "adam" and 1e-4 <= v["arm"]["optim.lr"] <= 1e-2
         else:
-            assert v["arm"]["optim.lr"] in (0.1, 0.01, 0.001)
+            assert v["arm"]["optim.lr"] in (0.1, 0.01, 0.001) and v["arm"]["data.batch_size"] in (32, 64)
 
 
 def test_no_arms_means_one_base_arm():
@@ -102,8 +127,9 @@ def test_optuna_gives_every_arm_the_same_budget():
 
 
 def test_overrides_and_bundled_names(tmp_path):
-    spec, path = load_spec("quickstart", ["train.epochs=2", "arms.adam.lr=0.01"])
-    assert path.name == "quickstart.yaml" and spec.train.epochs == 2 and spec.arm_settings()["adam"]["optim.lr"] == 0.01
+    spec, path = load_spec("quickstart", ["train.epochs=2", "arms.adam.weight_decay=0.01"])
+    assert path.name == "quickstart.yaml" and spec.train.epochs == 2
+    assert spec.arm_settings()["adam"]["optim.weight_decay"] == 0.01
     with pytest.raises(SpecError, match="not a file and not a bundled spec; bundled: .*quickstart"):
         load_spec("no-such-spec")
     with pytest.raises(SpecError, match="--set train.epochs: expected KEY=VALUE"):

@@ -13,8 +13,8 @@ from conftest import run_cli, trial_results, write_spec
 
 pytestmark = pytest.mark.slow
 
-EPOCH_METRICS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "gen_gap", "weight_l2", "ece", "lr",
-                 "epoch_time_s", "samples_per_s"}
+EPOCH_METRICS = {"epoch", "train_loss", "train_acc", "train_loss_running", "train_acc_running", "val_loss", "val_acc",
+                 "gen_gap", "weight_l2", "ece", "lr", "epoch_time_s", "samples_per_s"}
 
 
 def run_ok(*args: str) -> str:
@@ -25,7 +25,9 @@ def run_ok(*args: str) -> str:
 
 def test_grid_sweep_reports_every_metric_every_epoch(tmp_path, tiny_spec):
     tiny_spec["space"] = {"seed": {"grid": [0, 1]}}
+    tiny_spec["arms"]["adam"]["batch_size"] = 500  # more than the 400 training images: said, not silently clamped
     out = run_ok("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path / "results"))
+    assert "note: arms.adam: batch_size 500 is larger than the 400 training images, so each epoch is one batch" in out
     results_dir = tmp_path / "results" / "tiny"
     trials = trial_results(results_dir)
     assert len(trials) == 4  # 2 arms x 2 seeds
@@ -39,13 +41,29 @@ def test_grid_sweep_reports_every_metric_every_epoch(tmp_path, tiny_spec):
         last = rows[-1]
         assert {"test_loss", "test_acc", "confusion_matrix", "classes"} <= last.keys()
         matrix = last["confusion_matrix"]
-        assert len(matrix) == 10 and sum(map(sum, matrix)) == 40  # 10% of the 400-image subset is validation
-        assert sum(matrix[i][i] for i in range(10)) / 40 == pytest.approx(last["val_acc"])
+        assert len(matrix) == 10 and sum(map(sum, matrix)) == 400  # 10% of mnist5k's 4,000 training images
+        assert sum(matrix[i][i] for i in range(10)) / 400 == pytest.approx(last["val_acc"])
         assert list(results_dir.joinpath(name).glob("checkpoint_*")), "the last epoch is checkpointed"
     saved = yaml.safe_load((results_dir / "spec.yaml").read_text())
     assert saved["name"] == "tiny" and saved["train"]["epochs"] == 2 and saved["space"] == tiny_spec["space"]
-    assert "Best trial per arm by val_acc" in out
+    assert any("batch_size 500" in note for note in saved["notes"])  # and in the report
+    assert "Comparison (as in report/comparison.md)" in out
     assert (results_dir / "report" / "report.html").is_file()
+
+
+def test_random_search_trains_each_drawn_configuration_with_every_seed(tmp_path, tiny_spec):
+    tiny_spec.update(train={"epochs": 1}, space={"seed": {"grid": [0, 1]}},
+                     arms={"sgd": {"optimizer": "sgd", "lr": {"loguniform": [0.01, 0.5]}},
+                           "adam": {"optimizer": "adam", "lr": {"loguniform": [1e-4, 1e-2]}}},
+                     search={"algorithm": "random", "num_samples": 2})
+    run_ok("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path))
+    configs = [json.loads(p.read_text()) for p in (tmp_path / "tiny").glob("*/params.json")]
+    seeds = {}
+    for c in configs:
+        seeds.setdefault((c["arm"]["name"], c["arm"]["optim.lr"]), []).append(c["train.seed"])
+    assert len(configs) == 8 and len(seeds) == 4 and all(sorted(s) == [0, 1] for s in seeds.values())
+    comparison = pd.read_csv(tmp_path / "tiny" / "report" / "comparison.csv").set_index("arm")
+    assert (comparison["n_seeds"] == 2).all() and (comparison["n_configs"] == 2).all()
 
 
 def test_existing_results_dir_is_refused_untouched(tmp_path, tiny_spec):
@@ -84,9 +102,15 @@ def test_asha_stops_the_hopeless_arm_early(tmp_path, tiny_spec):
         search={"max_concurrent": 1},
         scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2},
     )
-    run_ok("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path / "results"))
+    out = run_ok("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path / "results"))
     trials = trial_results(tmp_path / "results" / "tiny")
     epochs = {name: rows[-1]["epoch"] for name, rows in trials.items()}
+    # The console names the winners comparison.md names, judged on trials that ran to the end, not on the
+    # hopeless arm's epoch-1 scores.
+    comparison = pd.read_csv(tmp_path / "results" / "tiny" / "report" / "comparison.csv")
+    printed = out[out.index("Comparison (as in report/comparison.md)"):].splitlines()[2:4]
+    assert [line.split()[:2] for line in printed] == [[str(r), a] for r, a in zip(comparison["rank"], comparison["arm"])]
+    assert comparison["arm"].tolist() == ["good", "hopeless"]
     hopeless = [e for n, e in epochs.items() if n.startswith("hopeless")]
     good = [e for n, e in epochs.items() if n.startswith("good")]
     assert len(hopeless) == 3 and len(good) == 3
@@ -108,6 +132,18 @@ def test_optuna_sweep_gives_each_arm_its_budget_within_its_range(tmp_path, tiny_
     for c in configs:
         low, high = (0.01, 0.5) if c["arm"]["name"] == "sgd" else (1e-4, 1e-2)
         assert low <= c["arm"]["optim.lr"] <= high and c["arm"]["optim.optimizer"] == c["arm"]["name"]
+
+
+def test_a_sweep_whose_every_trial_fails_exits_1_saying_where_to_look(tmp_path, tiny_spec):
+    # A 10^12-unit hidden layer passes validation (a shape check on the meta device allocates nothing) and
+    # fails in every trial when its 4 TB of weights are allocated: a real out-of-memory, as users meet it.
+    tiny_spec.update(model={"name": "mlp", "hidden_sizes": [1, 10**12]}, run={"max_failures": 0})
+    done = run_cli("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path), "--no-dashboard")
+    assert done.returncode == 1, done.stderr[-3000:]
+    [line] = [line for line in done.stderr.splitlines() if line.startswith("sweep: error:")]
+    assert line.startswith("sweep: error: all 2 trials failed; the first error is in ")
+    error_file = Path(line.split(" is in ")[1])
+    assert error_file.name == "error.txt" and error_file.is_file() and "allocate" in error_file.read_text()
 
 
 def test_same_spec_and_seed_give_identical_metrics(tmp_path, tiny_spec):
@@ -154,6 +190,6 @@ def test_smoke_quickstart_runs_on_the_embedded_data(tmp_path):
     out = run_ok("run", "quickstart", "--smoke", "--storage", str(tmp_path))
     trials = trial_results(tmp_path / "quickstart")
     assert len(trials) == 10  # 5 arms x 2 samples under --smoke
-    assert "Best trial per arm" in out
+    assert "Comparison (as in report/comparison.md)" in out
     saved = yaml.safe_load((tmp_path / "quickstart" / "spec.yaml").read_text())
     assert saved["smoke"] is True and saved["notes"]
