@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from analysis import ResultsError
-from sweeps.spec import SpecError, SweepFailed, bundled_specs, count_trials, load_spec
+from sweeps.spec import SpecError, SweepFailed, bundled_specs, count_trials, load_spec, size_notes
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -42,7 +42,9 @@ def cmd_validate(args: argparse.Namespace) -> None:
     print(f"  data       {spec.data.name}, batch {spec.data.batch_size}" + (f", resize {spec.data.resize}" if spec.data.resize else ""))
     print(f"  model      {spec.model.name}")
     print(f"  train      {spec.train.epochs} epochs, loss {spec.train.loss}")
-    print(f"  search     {spec.search.algorithm}, num_samples {spec.search.num_samples}, "
+    per_arm = (f" per arm, one TPE study each ({spec.search.tpe_startup_trials()} start-up trials)"
+               if spec.search.algorithm == "optuna" else "")
+    print(f"  search     {spec.search.algorithm}, num_samples {spec.search.num_samples}{per_arm}, "
           f"{spec.search.metric} ({spec.search.mode})")
     sched = spec.scheduler
     print(f"  scheduler  {sched.name}" + (f" (grace {sched.grace_period}, reduction {sched.reduction_factor:g}, "
@@ -55,7 +57,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
         print(f"    {arm:{width}s} {trials[arm]:5d}  {shown}")
     for key, value in spec.space_settings().items():
         print(f"  space      {key} = {_show(value)}")
-    for note in spec.notes:
+    for note in [*spec.notes, *size_notes(spec)]:
         print(f"  note       {note}")
 
 

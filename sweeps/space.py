@@ -88,11 +88,6 @@ def _suggest(trial: optuna.Trial, name: str, domain: Domain) -> Any:
     return trial.suggest_float(name, *domain.values, log=domain.kind == "loguniform")
 
 
-def startup_trials(spec: Spec) -> int:
-    """Random trials each arm's TPE starts with: the spec's, else Optuna's 10, at most half the arm's budget."""
-    return spec.search.startup_trials or max(1, min(10, spec.search.num_samples // 2))
-
-
 @dataclass
 class _Live:
     """A Tune trial in flight, as PerArmOptuna tracks it."""
@@ -123,7 +118,7 @@ class PerArmOptuna(Searcher):
         direction = "maximize" if spec.search.mode == "max" else "minimize"
         self.studies = {
             arm: optuna.create_study(direction=direction, study_name=arm, sampler=optuna.samplers.TPESampler(
-                seed=(spec.search.seed + zlib.crc32(arm.encode())) % 2**32, n_startup_trials=startup_trials(spec)))
+                seed=(spec.search.seed + zlib.crc32(arm.encode())) % 2**32, n_startup_trials=spec.search.tpe_startup_trials()))
             for arm in self.arms}
         self.asked = dict.fromkeys(self.arms, 0)
         self.live: dict[str, _Live] = {}  # by Tune trial id

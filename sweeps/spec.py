@@ -241,6 +241,10 @@ class Search(Strict):
     seed: int = 0                                       # seeds random sampling / the Optuna samplers
     startup_trials: PositiveInt | None = None           # optuna: random trials per arm before TPE (default 10, <= half num_samples)
 
+    def tpe_startup_trials(self) -> int:
+        """Random trials each arm's TPE starts with: the spec's, else Optuna's 10, at most half the arm's budget."""
+        return self.startup_trials or max(1, min(10, self.num_samples // 2))
+
 
 class Scheduler(Strict):
     name: Literal["fifo", "asha"] = "fifo"              # fifo runs every trial to the end; asha stops poor ones early
@@ -429,10 +433,13 @@ def size_notes(spec: Spec) -> list[str]:
         settings = {**shared, **own}
         subsets = [v for v in _candidates(settings.get("data.train_subset")) if v is not None]
         images = min(subsets) if subsets else spec.data.train_subset or pool
+        where = f"arms.{arm}" if own.keys() & {"data.batch_size", "data.train_subset"} else \
+            "space" if shared.keys() & {"data.batch_size", "data.train_subset"} else "data"
         for batch in _candidates(settings.get("data.batch_size", spec.data.batch_size)):
-            if batch > images:
-                notes.append(f"{f'arms.{arm}' if arm in spec.arms else 'data'}: batch_size {batch} is larger than "
-                             f"the {images} training images, so each epoch is one batch of {images}")
+            note = (f"{where}: batch_size {batch} is larger than the {images} training images, so each epoch is one "
+                    f"batch of {images}")
+            if batch > images and note not in notes:
+                notes.append(note)
     return notes
 
 

@@ -146,6 +146,10 @@ def test_malformed_yaml_names_file_and_line(tmp_path):
 def test_cli_validate_prints_plan_and_bad_input_exits_2(tmp_path):
     ok = run_cli("validate", "quickstart")
     assert ok.returncode == 0 and "trials     20" in ok.stdout and "adamw" in ok.stdout
+    ok = run_cli("validate", "fair-optimizers-mnist", "--set", "data.batch_size=4000")
+    assert "num_samples 8 per arm, one TPE study each (4 start-up trials)" in ok.stdout
+    assert ok.stdout.count("batch_size 4000 is larger") == 1  # the data section's setting, said once
+    assert "note       data: batch_size 4000 is larger than the 3400 training images" in ok.stdout
     path = write_spec(tmp_path, spec_with(optim__lr=-1))
     bad = run_cli("validate", str(path))
     assert bad.returncode == 2
