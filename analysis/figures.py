@@ -453,10 +453,52 @@ def confusion_matrix(results: Results, comparison: Comparison) -> go.Figure:
     return _confusion_plot(_confusion_info(results, comparison))
 
 
+# -- tuning curves: expected best score after n trials, per arm -------------------------------------
+
+class TuningInfo(NamedTuple):
+    metric: str
+    curves: pd.DataFrame  # budget.tuning_curves: arm, n, expected_best_<metric>, band_low, band_high, n_configs
+
+
+def _tuning_info(results: Results) -> TuningInfo:
+    from analysis.budget import tuning_curves
+
+    curves = tuning_curves(results)
+    if curves.empty:
+        raise NotApplicable("no arm has two or more configurations that ended")
+    return TuningInfo(results.metric, curves)
+
+
+def _tuning_plot(info: TuningInfo, arms: list[str]) -> go.Figure:
+    arms = [a for a in arms if a in set(info.curves["arm"])] or list(dict.fromkeys(info.curves["arm"]))
+    palette, column = colours(arms), f"expected_best_{info.metric}"
+    fig = go.Figure()
+    for arm in arms:
+        c = info.curves[info.curves["arm"] == arm]
+        banded = c[c["band_low"].notna()]
+        fig.add_trace(go.Scatter(x=np.concatenate([banded["n"], banded["n"][::-1]]),
+                                 y=np.concatenate([banded["band_high"], banded["band_low"][::-1]]), fill="toself",
+                                 fillcolor=_rgba(palette[arm], 0.15), line={"width": 0}, hoverinfo="skip",
+                                 showlegend=False, legendgroup=arm))
+        fig.add_trace(go.Scatter(x=c["n"], y=c[column], mode="lines+markers" if len(c) <= 30 else "lines", name=arm,
+                                 legendgroup=arm, line={"color": palette[arm]},
+                                 hovertemplate=f"{arm}<br>%{{x}} trials<br>expected best %{{y:.4g}}<extra></extra>"))
+    fig.update_xaxes(title_text="tuning trials n", type="log" if info.curves["n"].max() > 30 else None)
+    fig.update_yaxes(title_text=f"expected best {info.metric}")
+    return _layout(fig, "Tuning curves: expected best score after n trials",
+                   "unbiased for n independent trials (random search; an approximation for TPE and ASHA); band: 95% "
+                   "jackknife interval, for n up to N/5", height=460)
+
+
+def tuning_curves(results: Results, comparison: Comparison) -> go.Figure:
+    return _tuning_plot(_tuning_info(results), _ranked_arms(comparison))
+
+
 FIGURES: dict[str, Callable[[Results, Comparison], go.Figure]] = {
     "comparison": comparison_figure,
     "learning_curves": learning_curves,
     "lr_sensitivity": lr_sensitivity,
+    "tuning_curves": tuning_curves,
     "batch_size": batch_size_effect,
     "parallel_coordinates": parallel_coordinates,
     "generalisation": generalisation,

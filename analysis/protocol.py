@@ -12,11 +12,14 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from analysis.budget import TUNING_ASSUMES, time_to_target, tuning_curves
 from analysis.figures import FIGURES, NotApplicable
 from analysis.results import FINISHED, ResultsError, load_results
-from analysis.stats import holm, paired_test, rank_key, summarize
+from analysis.tables import compare
+from analysis.stats import holm, minimum_detectable_effect, paired_test, rank_key, summarize
 
 GOOD_LR_TOLERANCE = 0.01  # a tuning trial is "good" if its final metric is within this of its arm's best
+POWER = 0.8  # the detection probability behind each pair's minimum detectable effect (mde)
 
 
 class ArmSeeds(NamedTuple):
@@ -45,6 +48,8 @@ class Pair(NamedTuple):
     significant: bool
     n: int  # seeds both arms finished with a finite value: what the test used
     why_not: str  # why the pair was not tested ("" when it was)
+    sd_diff: float  # std of the paired differences
+    mde: float  # the smallest true difference these seeds detect with power POWER at alpha / number of tested pairs
 
 
 def pairwise(arms: dict[str, ArmSeeds], mode: str, alpha: float) -> list[Pair]:
@@ -68,9 +73,13 @@ def pairwise(arms: dict[str, ArmSeeds], mode: str, alpha: float) -> list[Pair]:
         else:
             p = paired_test(joined[:, 0], joined[:, 1]).p_value if len(joined) else np.nan
             why = "" if np.isfinite(p) else "fewer than 2 paired seeds, or the same difference on every seed"
-        pairs.append((a, b, diff, p, len(finite), why))
-    adjusted = holm([p for _, _, _, p, _, _ in pairs])
-    return [Pair(a, b, d, p, q, bool(q < alpha), n, why) for (a, b, d, p, n, why), q in zip(pairs, adjusted)]
+        sd = float(np.std(finite[:, 0] - finite[:, 1], ddof=1)) if len(finite) >= 2 else np.nan
+        pairs.append((a, b, diff, p, len(finite), why, sd))
+    adjusted = holm([p for _, _, _, p, _, _, _ in pairs])
+    level = alpha / max(1, int(np.isfinite(adjusted).sum()))  # Holm's first, strictest, step
+    return [Pair(a, b, d, p, q, bool(q < alpha), n, why, sd, minimum_detectable_effect(sd, n, level, POWER)
+                 if not why else np.nan)
+            for (a, b, d, p, n, why, sd), q in zip(pairs, adjusted)]
 
 
 def verdict(pair: Pair, metric: str, arms: dict[str, ArmSeeds] | None = None) -> str:
@@ -84,8 +93,10 @@ def verdict(pair: Pair, metric: str, arms: dict[str, ArmSeeds] | None = None) ->
              f"{facts}")
     if pair.significant:
         return f"{pair.better} is better than {pair.worse}: {metric} {pair.mean_diff:+.4f} on average ({stats})"
+    missed = (f"; with {pair.n} seeds it could have missed a true difference of up to {pair.mde:.4f} "
+              f"({POWER:.0%} power at Holm's strictest level)" if np.isfinite(pair.mde) else "")
     return (f"{pair.better} vs {pair.worse}: no detectable difference at this budget ({metric} difference "
-            f"{pair.mean_diff:.4f}, {stats})")
+            f"{pair.mean_diff:.4f}, {stats}){missed}")
 
 
 def lr_robustness(tune_trials: pd.DataFrame, metric: str, mode: str, lr_key: str = "optim.lr") -> pd.DataFrame:
@@ -122,8 +133,9 @@ def confirm_seeds(trials: pd.DataFrame, metric: str, seed_key: str | None) -> di
     return arms
 
 
-def protocol_tables(results_dir: Path, alpha: float = 0.05) -> dict[str, object]:
-    """The verdict table, the pairwise tests, the LR robustness table and compute per arm."""
+def protocol_tables(results_dir: Path, alpha: float = 0.05, target: float | None = None) -> dict[str, object]:
+    """The verdict table, the pairwise tests with each pair's power, the LR robustness table, the tune stage's
+    tuning curves, and compute per arm with the confirm stage's time to `target`."""
     tune, confirm = load_results(results_dir / "tune"), load_results(results_dir / "confirm")
     metric = "test_acc" if "final_test_acc" in confirm.trials else confirm.metric
     mode = "max" if metric.endswith("acc") else confirm.mode
@@ -171,19 +183,30 @@ def protocol_tables(results_dir: Path, alpha: float = 0.05) -> dict[str, object]
                         "tune_seconds": float(np.nansum(t["wall_time_s"])), "confirm_trials": len(c),
                         "confirm_epochs": int(c["epochs_run"].sum()),
                         "confirm_seconds": float(np.nansum(c["wall_time_s"]))})
+    timed = time_to_target(confirm, compare(confirm), target) if not trials.empty else pd.DataFrame(columns=["arm"])
+    compute = pd.DataFrame(compute, columns=["arm", "tune_trials", "tune_epochs", "tune_seconds", "confirm_trials",
+                                             "confirm_epochs", "confirm_seconds"])
+    compute = compute.merge(timed.drop(columns="n_seeds", errors="ignore"), on="arm", how="left")
+    level = alpha / max(1, sum(np.isfinite(p.p_holm) for p in pairs))
+    power = pd.DataFrame([{"better": p.better, "worse": p.worse, "n_seeds": p.n, "mean_diff": p.mean_diff,
+                           "sd_diff": p.sd_diff, "level": level, f"mde_power{POWER * 100:.0f}": p.mde,
+                           "significant": p.significant} for p in pairs],
+                         columns=["better", "worse", "n_seeds", "mean_diff", "sd_diff", "level",
+                                  f"mde_power{POWER * 100:.0f}", "significant"])
     return {"tune": tune, "confirm": confirm, "metric": metric, "mode": mode, "pairs": pairs, "arms": arms,
             "verdicts": pd.DataFrame(rows), "robustness": lr_robustness(tune.trials, tune.metric, tune.mode),
-            "compute": pd.DataFrame(compute)}
+            "compute": compute, "power": power, "tuning": tuning_curves(tune)}
 
 
 def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def protocol_page(results_dir: Path, spec: dict, style: str, plotlyjs: str, html_table) -> tuple[str, dict[str, str]]:
+def protocol_page(results_dir: Path, spec: dict, style: str, plotlyjs: str, html_table,
+                  target: float | None = None) -> tuple[str, dict[str, str]]:
     """The protocol report page and its tables (file name -> CSV/Markdown text)."""
     protocol = spec.get("protocol") or {}
-    t = protocol_tables(results_dir, protocol.get("alpha", 0.05))
+    t = protocol_tables(results_dir, protocol.get("alpha", 0.05), target)
     metric, verdicts = t["metric"], t["verdicts"]
     name = html.escape(str(spec.get("name", results_dir.name)))
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{name}: protocol report</title>",
@@ -210,9 +233,21 @@ def protocol_page(results_dir: Path, spec: dict, style: str, plotlyjs: str, html
     parts += ["<h2>Learning-rate robustness (tune stage)</h2><p class='method'>Good trials: final "
               f"validation metric within {GOOD_LR_TOLERANCE} of the arm's best; the width of their learning-rate "
               "range in decades says how forgiving the arm is to tuning.</p>", html_table(t["robustness"])]
-    parts += ["<h2>Compute spent per arm</h2>", html_table(t["compute"])]
-    from analysis.tables import compare
-    for stage, key in (("tune", "lr_sensitivity"), ("confirm", "learning_curves")):
+    parts += ["<h2>Power: what the confirm stage could have detected</h2><p class='method'>For each pair: the "
+              f"smallest true difference its paired seeds detect with {POWER:.0%} power, from the observed spread of "
+              "the paired differences, at alpha over the number of tested pairs (Holm's first and strictest step, so "
+              "the figure errs on the large side). A 'no detectable difference' verdict could have missed a "
+              "difference up to this size; <code>sweep plan DIR --effect D</code> says how many seeds a difference "
+              "D needs.</p>", html_table(t["power"])]
+    target_text = ("set with sweep report --target" if target is not None else "the best score more than "
+                   "half of every arm's confirm seeds reach; set another with sweep report --target")
+    parts += ["<h2>Compute spent per arm, and time to target</h2><p class='method'>Time to target (confirm stage, "
+              f"validation {t['confirm'].metric}, target {target_text}): epochs and seconds until each seed first "
+              "reaches it, the median over seeds, a seed that never reached it counting as never.</p>",
+              html_table(t["compute"])]
+    if len(t["tuning"]):
+        parts.append(f"<p class='method'>Tuning curves (tune stage): {html.escape(TUNING_ASSUMES)}</p>")
+    for stage, key in (("tune", "lr_sensitivity"), ("tune", "tuning_curves"), ("confirm", "learning_curves")):
         results = t[stage]
         try:
             fig = FIGURES[key](results, compare(results))
@@ -224,10 +259,13 @@ def protocol_page(results_dir: Path, spec: dict, style: str, plotlyjs: str, html
     parts.append("<footer>Stage reports: <a href='../tune/report/report.html'>tune</a> · "
                  "<a href='../confirm/report/report.html'>confirm</a> · tables: "
                  "<a href='verdicts.csv'>verdicts.csv</a> · <a href='pairs.csv'>pairs.csv</a> · "
-                 "<a href='lr_robustness.csv'>lr_robustness.csv</a></footer></body></html>")
+                 "<a href='lr_robustness.csv'>lr_robustness.csv</a> · <a href='power.csv'>power.csv</a> · "
+                 "<a href='tuning_curves.csv'>tuning_curves.csv</a> · <a href='compute.csv'>compute.csv</a>"
+                 "</footer></body></html>")
     pairs = pd.DataFrame([p._asdict() for p in t["pairs"]])
     tables = {"verdicts.csv": verdicts.to_csv(index=False), "pairs.csv": pairs.to_csv(index=False),
-              "lr_robustness.csv": t["robustness"].to_csv(index=False), "compute.csv": t["compute"].to_csv(index=False)}
+              "lr_robustness.csv": t["robustness"].to_csv(index=False), "compute.csv": t["compute"].to_csv(index=False),
+              "power.csv": t["power"].to_csv(index=False), "tuning_curves.csv": t["tuning"].to_csv(index=False)}
     return "\n".join(parts), tables
 
 

@@ -16,6 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs, get_plotlyjs_version
 
+from analysis.budget import TUNING_ASSUMES, time_to_target, tuning_curves
 from analysis.figures import FIGURES, NotApplicable
 from analysis.results import STATUSES, Results, ResultsError, _read_spec, load_results
 from analysis.tables import Comparison, compare, comparison_markdown, display, reference_table, seed_columns
@@ -36,12 +37,13 @@ figure { margin: 28px 0; } .scroll { overflow-x: auto; } footer { margin-top: 40
 """
 
 
-def write_report(results_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+def write_report(results_dir: str | Path, out_dir: str | Path | None = None, *, target: float | None = None) -> Path:
     """Reads the results under `results_dir` and writes the tables and report.html into `out_dir`
-    (default `results_dir/report`); returns the path of report.html. Raises ResultsError when the
-    directory is not a sweep's results directory."""
+    (default `results_dir/report`); returns the path of report.html. `target`: the validation score to
+    time each arm to (default: `analysis.budget.default_target`). Raises ResultsError when the directory
+    is not a sweep's results directory."""
     if (Path(results_dir) / "tune" / "spec.yaml").exists():  # a two-stage protocol (sweeps/protocol.py)
-        return _write_protocol_report(Path(results_dir), out_dir)
+        return _write_protocol_report(Path(results_dir), out_dir, target)
     results = load_results(results_dir)
     out = Path(out_dir) if out_dir is not None else results.directory / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -49,10 +51,14 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
     _log("tables")
     comparison = compare(results)
     reference = reference_table(results, comparison)
+    compute = compute_table(results, comparison, target)
+    curves = tuning_curves(results)
     tables = {"comparison.md": comparison_markdown(results, comparison, reference),
-              "comparison.csv": comparison.table.to_csv(index=False)}
+              "comparison.csv": comparison.table.to_csv(index=False), "compute.csv": compute.to_csv(index=False)}
     if reference is not None:
         tables["reference.csv"] = reference.to_csv(index=False)
+    if len(curves):
+        tables["tuning_curves.csv"] = curves.to_csv(index=False)
     for name, frame in (("trials", results.trials), ("epochs", results.epochs)):
         tables[f"{name}.csv"] = frame.to_csv(index=False)
         tables[f"{name}.parquet"] = frame.to_parquet(index=False)
@@ -66,25 +72,26 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None) -> 
             figures[name] = draw(results, comparison)
         except NotApplicable as reason:
             skipped[name] = str(reason)
-    _write_atomic(out / "report.html", _page(results, comparison, reference, figures, skipped, files=list(tables)))
+    _write_atomic(out / "report.html", _page(results, comparison, reference, compute, figures, skipped,
+                                             files=list(tables), target_given=target is not None))
     _log(f"{len(figures)} figures, {len(skipped)} not applicable; wrote {out / 'report.html'}")
     return out / "report.html"
 
 
-def _write_protocol_report(results_dir: Path, out_dir: str | Path | None) -> Path:
+def _write_protocol_report(results_dir: Path, out_dir: str | Path | None, target: float | None) -> Path:
     """Each stage's own report, then the protocol's verdict page."""
     from analysis.protocol import protocol_page
 
     spec = _read_spec(results_dir)
     for stage in ("tune", "confirm"):
         if (results_dir / stage / "spec.yaml").exists():
-            write_report(results_dir / stage)
+            write_report(results_dir / stage, target=target)
     if not (results_dir / "confirm" / "spec.yaml").exists():
         raise ResultsError(f"{results_dir}: the confirm stage has not started yet; "
                            f"see {results_dir / 'tune' / 'report' / 'report.html'} for the tune stage so far")
     out = Path(out_dir) if out_dir is not None else results_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    page, tables = protocol_page(results_dir, spec, STYLE, get_plotlyjs(), _html_table)
+    page, tables = protocol_page(results_dir, spec, STYLE, get_plotlyjs(), _html_table, target)
     for filename, text in tables.items():
         _write_atomic(out / filename, text)
     _write_atomic(out / "report.html", page)
@@ -117,6 +124,11 @@ def console_summary(report_dir: str | Path) -> str:
         + cells.to_string(index=False) + "\n"
 
 
+TARGET_GIVEN = "set with sweep report --target"
+TARGET_DEFAULT = ("the best score more than half of every row's seeds reach, so every row can be timed; "
+                  "set another with sweep report --target")
+
+
 def _log(message: str) -> None:
     print(f"report: {message}", file=sys.stderr)
 
@@ -134,8 +146,16 @@ def _write_atomic(path: Path, data: str | bytes) -> None:
         raise
 
 
-def _page(results: Results, comparison: Comparison, reference: pd.DataFrame | None,
-          figures: dict[str, go.Figure], skipped: dict[str, str], files: list[str]) -> str:
+def compute_table(results: Results, comparison: Comparison, target: float | None = None) -> pd.DataFrame:
+    """Per comparison row: trials, epochs and seconds the sweep spent on it, and its time to the target."""
+    spent = results.trials.groupby(comparison.group_of[results.trials["trial_id"]].to_numpy(), sort=False).agg(
+        trials=("trial_id", "size"), epochs=("epochs_run", "sum"), seconds=("wall_time_s", "sum"))
+    timed = time_to_target(results, comparison, target).set_index("arm")
+    return spent.join(timed, how="right").rename_axis("arm").reset_index()
+
+
+def _page(results: Results, comparison: Comparison, reference: pd.DataFrame | None, compute: pd.DataFrame,
+          figures: dict[str, go.Figure], skipped: dict[str, str], files: list[str], target_given: bool) -> str:
     name = html.escape(str(results.spec.get("name", results.directory.name)))
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{name}: sweep report</title>",
              f"<style>{STYLE}</style><script>{get_plotlyjs()}</script></head><body>",
@@ -161,6 +181,16 @@ def _page(results: Results, comparison: Comparison, reference: pd.DataFrame | No
                   "of ours would land (mean ± t·s·√(1 + 1/n)); a published number is one run, so it is judged "
                   "against that, not against the CI of the mean.</p>", _html_table(reference)]
 
+    if len(compute):
+        target = compute["target"].iloc[0]
+        parts += [f"<h2>Compute and time to target</h2><p class='method'>Target: {results.metric} "
+                  f"{'≥' if results.mode == 'max' else '≤'} {_short(target)} on validation "
+                  f"({TARGET_GIVEN if target_given else TARGET_DEFAULT}). Epochs and seconds (Ray's clock since the "
+                  "trial began, evaluation included) until each seed of the row's best configuration first reaches "
+                  "it; the median over seeds, a seed that never reached it counting as never (AlgoPerf's time to "
+                  "result).</p>", _html_table(compute)]
+    if "tuning_curves" in figures:
+        parts.append(f"<p class='method'>Tuning curves: {html.escape(TUNING_ASSUMES)}</p>")
     parts.append("<h2>Figures</h2>" + ("" if figures else "<p>No figure applies yet (see below).</p>"))
     for key, fig in figures.items():
         height = fig.layout.height or 450

@@ -40,7 +40,7 @@ class Results:
     directory: Path
     spec: dict
     trials: pd.DataFrame  # one row per trial: config, status, epochs, wall time, final_* and best_* metrics
-    epochs: pd.DataFrame  # one row per trial and epoch: trial_id, arm, epoch, every reported metric
+    epochs: pd.DataFrame  # one row per trial and epoch: trial_id, arm, epoch, time_total_s, every reported metric
     partial: bool  # some trial has not ended yet, or none has started
     hyperparameters: list[str]  # dotted config keys, columns of `trials`
     metrics: list[str]  # per-epoch metrics, columns of `epochs`
@@ -80,8 +80,8 @@ def load_results(results_dir: str | Path) -> Results:
 
     hyperparameters = list(dict.fromkeys(k for row in trial_rows for k in row["config"]))
     epochs = pd.DataFrame(epoch_rows)
-    metrics = [c for c in epochs.columns if c not in ("trial_id", "arm", "epoch")]
-    epochs = epochs.reindex(columns=["trial_id", "arm", "epoch", *metrics])
+    metrics = [c for c in epochs.columns if c not in ("trial_id", "arm", "epoch", "time_total_s")]
+    epochs = epochs.reindex(columns=["trial_id", "arm", "epoch", "time_total_s", *metrics])
     trials = _trials_frame(trial_rows, hyperparameters, epochs, metrics, _search_metric(spec))
     partial = trials.empty or unreadable > 0 or bool((trials["status"] == "running").any())
     return Results(directory, spec, trials, epochs, partial, hyperparameters, metrics, confusion)
@@ -125,8 +125,8 @@ def _read_trial(trial_dir: Path, spec: dict):
     by_epoch = {}  # epoch -> metrics; a resumed trial may repeat epochs, the later row wins
     for row in rows:
         epoch = row.get("epoch", row.get("training_iteration"))
-        by_epoch[epoch] = {k: v for k, v in row.items()
-                           if k not in RAY_KEYS and (type(v) is float or type(v) is int)}
+        by_epoch[epoch] = {"time_total_s": row.get("time_total_s", math.nan),  # Ray's clock: since the trial began
+                           **{k: v for k, v in row.items() if k not in RAY_KEYS and (type(v) is float or type(v) is int)}}
     epochs = [{"trial_id": trial_id, "arm": arm, "epoch": epoch, **metrics}
               for epoch, metrics in sorted(by_epoch.items())]
 

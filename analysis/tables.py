@@ -204,6 +204,7 @@ def reference_table(results: Results, comparison: Comparison) -> pd.DataFrame | 
 
 # Short headers for Markdown and HTML; the CSV keeps the exact column names.
 HEADERS = {"best_config": "best configuration", "n_seeds": "seeds", "n_seeds_diverged": "seeds diverged",
+           "n_now": "seeds now", "sd_diff": "sd of differences", "power_now": "power now", "seeds_needed": "seeds needed",
            "diff_vs_top": "Δ vs top", "p_value": "p (Welch)", "p_holm": "p (Holm)", "n_configs": "configs",
            "n_trials": "trials", "n_diverged": "diverged", "reproduced_mean": "reproduced",
            "reproduced_std": "std", "within_pi95": "published within 95% PI"}

@@ -95,7 +95,31 @@ def cmd_report(args: argparse.Namespace) -> None:
     if args.out:
         from sweeps.runner import check_writable
         check_writable(args.out, "--out")
-    print(write_report(args.results_dir, args.out))
+    print(write_report(args.results_dir, args.out, target=args.target))
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from analysis.budget import plan_report
+    print(plan_report(args.results_dir, args.effect, args.power))
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1."""
+    value = _positive(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _positive(text: str) -> float:
+    """An argparse type: a number greater than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
 
 
 def _report(results_dir: str) -> None:
@@ -171,7 +195,16 @@ def parser() -> argparse.ArgumentParser:
     q = sub.add_parser("report", help="write tables and report.html for a results directory (also while running)")
     q.add_argument("results_dir")
     q.add_argument("--out", help="output directory (default: RESULTS_DIR/report)")
+    q.add_argument("--target", type=float, help="validation score to time each arm to (default: the best score "
+                                                "more than half of every arm's seeds reach)")
     q.set_defaults(func=cmd_report)
+
+    q = sub.add_parser("plan", help="how many seeds a difference needs, from a sweep's observed spread")
+    q.add_argument("results_dir", help="a protocol's results directory, or a sweep's whose arms have seeds")
+    q.add_argument("--effect", type=_positive, required=True, help="the true difference to detect, in the metric's "
+                                                                   "units (e.g. 0.005 for half a point of accuracy)")
+    q.add_argument("--power", type=_fraction, default=0.8, help="chance of detecting it (default 0.8)")
+    q.set_defaults(func=cmd_plan)
 
     def job_args(q: argparse.ArgumentParser) -> None:
         q.add_argument("--address", help="the cluster's dashboard, e.g. http://HEAD:8265 "

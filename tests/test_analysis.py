@@ -56,7 +56,10 @@ def test_load_flattens_the_config_and_keeps_only_reported_metrics(known):
     first = trials.iloc[0]
     assert (first["arm"], first["optim.lr"], first["train.seed"], first["epochs_run"]) == ("a", 1e-3, 0, 3)
     assert trials["final_val_acc"].tolist() == [f for finals in SEEDS.values() for f in finals]
-    assert {"pid", "time_total_s", "training_iteration", "config", "done"}.isdisjoint(epochs.columns)
+    assert {"pid", "training_iteration", "config", "done"}.isdisjoint(epochs.columns)
+    assert "time_total_s" not in known.metrics  # kept for time to target, not drawn as a metric
+    assert epochs.groupby("trial_id")["time_total_s"].max().to_numpy() == pytest.approx(
+        trials.set_index("trial_id")["wall_time_s"].to_numpy())
     assert {"val_acc", "gen_gap", "ece", "lr", "samples_per_s", "test_acc"} <= set(known.metrics)
     per_trial_time = epochs.groupby("trial_id")["epoch_time_s"].sum()
     assert trials.set_index("trial_id")["wall_time_s"].to_numpy() == pytest.approx(per_trial_time.to_numpy())
@@ -403,8 +406,8 @@ def test_write_report_writes_every_table_atomically(tmp_path):
     assert page == out / "report.html"
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["report.html", "comparison.csv", "comparison.md", "reference.csv", "trials.csv", "trials.parquet",
-         "epochs.csv", "epochs.parquet"])  # and no temporary file left behind
-    assert pd.read_parquet(out / "epochs.parquet").shape == pd.read_csv(out / "epochs.csv").shape == (39, 15)
+         "epochs.csv", "epochs.parquet", "compute.csv", "tuning_curves.csv"])  # and no temporary file left behind
+    assert pd.read_parquet(out / "epochs.parquet").shape == pd.read_csv(out / "epochs.csv").shape == (39, 16)
     assert pd.read_csv(out / "trials.csv")["final_val_acc"].tolist() == pd.read_parquet(
         out / "trials.parquet")["final_val_acc"].tolist()
     assert pd.read_csv(out / "comparison.csv")["arm"].tolist() == ["a", "c", "b", "d"]
