@@ -72,9 +72,11 @@ def cmd_run(args: argparse.Namespace) -> None:
         spec = smoke_spec(spec)
     if spec.protocol:
         from sweeps.protocol import run_protocol
-        results_dir = run_protocol(spec, storage=args.storage, address=args.address, dashboard=not args.no_dashboard)
+        results_dir = run_protocol(spec, storage=args.storage, address=args.address, dashboard=not args.no_dashboard,
+                                   verbose=args.verbose)
     else:
-        results_dir = run_sweep(spec, storage=args.storage, address=args.address, dashboard=not args.no_dashboard)
+        results_dir = run_sweep(spec, storage=args.storage, address=args.address, dashboard=not args.no_dashboard,
+                                verbose=args.verbose)
     _report(results_dir)
 
 
@@ -96,6 +98,11 @@ def cmd_report(args: argparse.Namespace) -> None:
         from sweeps.runner import check_writable
         check_writable(args.out, "--out")
     print(write_report(args.results_dir, args.out, target=args.target))
+
+
+def cmd_dashboard(args: argparse.Namespace) -> None:
+    from sweeps.dashboard import serve
+    serve(args.results_dir, host=args.host, port=args.port)
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -185,6 +192,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--storage", help="where results go: a directory or a URI such as s3://bucket/path "
                                      "(default: $SWEEP_STORAGE or ./results)")
     q.add_argument("--name", help="results directory name (default: the spec's name)")
+    q.add_argument("--verbose", action="store_true", help="Tune's own trial tables instead of the progress display")
     q.set_defaults(func=cmd_run)
 
     q = sub.add_parser("resume", help="continue an interrupted sweep")
@@ -198,6 +206,12 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--target", type=float, help="validation score to time each arm to (default: the best score "
                                                 "more than half of every arm's seeds reach)")
     q.set_defaults(func=cmd_report)
+
+    q = sub.add_parser("dashboard", help="serve optuna-dashboard over a sweep (also while it runs)")
+    q.add_argument("results_dir")
+    q.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    q.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    q.set_defaults(func=cmd_dashboard)
 
     q = sub.add_parser("plan", help="how many seeds a difference needs, from a sweep's observed spread")
     q.add_argument("results_dir", help="a protocol's results directory, or a sweep's whose arms have seeds")

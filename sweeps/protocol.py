@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sweeps.runner import (SPEC_FILE, build_tuner, check_failures, check_local_fit, new_results_dir, prepare_data,
-                           read_spec, say, sizes_said, start_ray, storage_uri, write_text)
+from sweeps.runner import (SPEC_FILE, build_tuner, check_failures, check_local_fit, check_mlflow, new_results_dir,
+                           prepare_data, read_spec, say, sizes_said, start_ray, storage_uri, write_text)
 from sweeps.spec import Spec, SpecError, count_trials, dump_spec, validate_spec
 
 TUNE, CONFIRM = "tune", "confirm"
@@ -78,13 +78,15 @@ def tuned_settings(tune_dir: Path, metric: str, mode: str) -> dict[str, dict[str
 
 
 def run_protocol(spec: Spec, *, storage: str | None = None, address: str | None = None,
-                 dashboard: bool = True, resume: bool = False) -> str:
+                 dashboard: bool = True, resume: bool = False, verbose: bool = False) -> str:
     """Run (or continue) both stages; returns the results directory. A finished stage is not redone."""
     storage = storage_uri(storage)
     if "://" in storage:
         raise SpecError(f"--storage {storage}: the protocol reads stage 1's results to set up stage 2, "
                         "so it needs a local or shared file system path")
     results_dir = Path(storage) / spec.name if resume else Path(new_results_dir(storage, spec.name))
+    if spec.run.mlflow:
+        check_mlflow(spec.run.mlflow)
     dataset = prepare_data(spec)
     spec.notes = [*spec.notes, *sizes_said(spec)] if not resume else spec.notes
     start_ray(address, dashboard=dashboard, storage=str(results_dir))
@@ -98,16 +100,16 @@ def run_protocol(spec: Spec, *, storage: str | None = None, address: str | None 
 
     # The tune stage's trials receive no test split at all: it cannot leak into the choice of settings.
     validation_only = dataclasses.replace(dataset, test_x=None, test_y=None)
-    _run_stage(results_dir, TUNE, lambda: tune_spec(spec), validation_only)
+    _run_stage(results_dir, TUNE, lambda: tune_spec(spec), validation_only, verbose)
     tuned = tuned_settings(results_dir / TUNE, spec.search.metric, spec.search.mode)
     for arm, settings in tuned.items():
         say(f"tuned {arm}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                          for k, v in settings.items()))
-    _run_stage(results_dir, CONFIRM, lambda: confirm_spec(spec, tuned), dataset)
+    _run_stage(results_dir, CONFIRM, lambda: confirm_spec(spec, tuned), dataset, verbose)
     return str(results_dir)
 
 
-def _run_stage(results_dir: Path, stage: str, make_spec, dataset) -> None:
+def _run_stage(results_dir: Path, stage: str, make_spec, dataset, verbose: bool) -> None:
     from ray import tune
 
     stage_dir = results_dir / stage
@@ -118,5 +120,6 @@ def _run_stage(results_dir: Path, stage: str, make_spec, dataset) -> None:
         stage_spec = make_spec()
         say(f"stage {stage}: {sum(count_trials(stage_spec).values())} trials")
         write_text(str(stage_dir / SPEC_FILE), dump_spec(stage_spec))
-        tuner = build_tuner(stage_spec, dataset, storage=str(results_dir))
+        tuner = build_tuner(stage_spec, dataset, storage=str(results_dir), verbose=verbose,
+                            experiment=f"{results_dir.name}/{stage}")
     check_failures(tuner.fit())

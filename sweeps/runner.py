@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -182,13 +183,18 @@ def check_local_fit(spec: Spec) -> None:
                             "(1 CPU, no GPU per trial) or run on a cluster with --address")
 
 
-def build_tuner(spec: Spec, dataset: Dataset, *, storage: str, restore: str | None = None):
-    """The Tuner for this spec; `restore` continues the sweep in that results directory."""
+def build_tuner(spec: Spec, dataset: Dataset, *, storage: str, restore: str | None = None, verbose: bool = False,
+                experiment: str | None = None):
+    """The Tuner for this spec; `restore` continues the sweep in that results directory (with the callbacks
+    and verbosity it was started with). `verbose`: Tune's own tables instead of our progress display.
+    `experiment`: the MLflow experiment's name (default: the spec's)."""
     from trainables.train import train_trial
 
     # Tune snapshots its state after every checkpoint (what keeps `sweep resume` exact) and warns that
     # this is frequent; for epochs of seconds it is the intended cadence, not a problem.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # TensorBoard cannot take the list-valued results (confusion matrix, classes); result.json keeps them.
+    logging.getLogger("ray.tune.logger.tensorboardx").setLevel(logging.ERROR)
     trainable = trial_actor(tune.with_resources(
         tune.with_parameters(train_trial, base=spec.base_settings(), dataset=dataset),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}))
@@ -221,9 +227,46 @@ def build_tuner(spec: Spec, dataset: Dataset, *, storage: str, restore: str | No
             name=spec.name, storage_path=storage,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.run.checkpoint_keep),
             failure_config=tune.FailureConfig(max_failures=spec.run.max_failures),
-            callbacks=[SchedulerState(scheduler)],
-            verbose=1),
+            callbacks=callbacks(spec, scheduler, storage=storage, verbose=verbose, experiment=experiment),
+            verbose=1 if verbose else 0),
     )
+
+
+def callbacks(spec: Spec, scheduler, *, storage: str, verbose: bool, experiment: str | None) -> list:
+    """The driver's Tune callbacks: the scheduler's state, the console, the Optuna journal, MLflow."""
+    from sweeps.dashboard import JOURNAL, OptunaJournal
+    from sweeps.progress import Progress
+
+    chosen = [SchedulerState(scheduler)]
+    if not verbose:
+        chosen.append(Progress(spec))
+    if "://" not in storage:  # the journal is a file beside the results: local or shared file systems only
+        chosen.append(OptunaJournal(spec, Path(storage) / spec.name / JOURNAL))
+    if spec.run.mlflow:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        chosen.append(MLflowLoggerCallback(tracking_uri=spec.run.mlflow, experiment_name=experiment or spec.name,
+                                           tags={"sweep": spec.name}))
+    return chosen
+
+
+def check_mlflow(uri: str) -> None:
+    """Exit 2 before anything starts when run.mlflow cannot be used: MLflow missing, or nobody answers."""
+    import urllib.request
+
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        raise SpecError(f"run.mlflow {uri}: MLflow is not installed; pip install -e '.[mlflow]'") from None
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as answer:
+                answer.read()
+        except OSError as err:
+            raise SpecError(f"run.mlflow {uri}: no MLflow tracking server answers there "
+                            f"({getattr(err, 'reason', err)}); start one with `mlflow server`") from None
+    elif "://" not in uri or uri.startswith("file:"):
+        check_writable(uri.removeprefix("file://").removeprefix("file:"), "run.mlflow")
 
 
 class SchedulerState(tune.Callback):
@@ -305,10 +348,12 @@ def new_results_dir(storage: str, name: str) -> str:
 
 
 def run_sweep(spec: Spec, *, storage: str | None = None, address: str | None = None,
-              dashboard: bool = True) -> str:
+              dashboard: bool = True, verbose: bool = False) -> str:
     """Run a sweep to the end; returns the results directory. Raises SpecError before starting anything."""
     storage = storage_uri(storage)
     results_dir = new_results_dir(storage, spec.name)
+    if spec.run.mlflow:
+        check_mlflow(spec.run.mlflow)
     dataset = prepare_data(spec)
     if spec.smoke and dataset.note:
         spec.notes = [*spec.notes, dataset.note]
@@ -322,7 +367,7 @@ def run_sweep(spec: Spec, *, storage: str | None = None, address: str | None = N
     trials = count_trials(spec)
     say(f"{spec.name}: {sum(trials.values())} trials ({', '.join(f'{a} {n}' for a, n in trials.items())}); "
         f"results in {results_dir}")
-    tuner = build_tuner(spec, dataset, storage=storage)
+    tuner = build_tuner(spec, dataset, storage=storage, verbose=verbose)
     del dataset  # trials read the object store's copy; the driver's own would pay for the data twice
     check_failures(tuner.fit())
     return results_dir
@@ -341,6 +386,8 @@ def resume_sweep(results_dir: str, *, address: str | None = None, dashboard: boo
     start_ray(address, dashboard=dashboard, storage=results_dir)
     if not address:
         check_local_fit(spec)
+    if spec.run.mlflow:
+        check_mlflow(spec.run.mlflow)
     say(f"resuming {spec.name} from {results_dir}")
     tuner = build_tuner(spec, dataset, storage=results_dir.rsplit("/", 1)[0], restore=results_dir)
     del dataset  # trials read the object store's copy; the driver's own would pay for the data twice

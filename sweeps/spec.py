@@ -261,6 +261,7 @@ class Resources(Strict):
 class Run(Strict):
     max_failures: NonNegativeInt = 2                    # retries of a crashed trial, from its last checkpoint
     checkpoint_keep: PositiveInt = 1                    # checkpoints kept per trial (the latest ones)
+    mlflow: str | None = None                           # MLflow tracking URI (http://host:5000 or a directory): a run per trial
 
 
 class Protocol(Strict):

@@ -133,6 +133,15 @@ def test_sigkill_then_resume_gives_the_uninterrupted_results(tmp_path):
     assert comparable(results) == comparable(tmp_path / "reference" / "rel")  # same trials, same metrics, ASHA too
     assert [len(rows) for name, rows in sorted(trial_results(results).items()) if "hopeless" in name] == [1, 1]
 
+    # The Optuna journal behind `sweep dashboard` went on through the resume: one entry per trial, all ended.
+    import optuna
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(results / "optuna.log")))
+    journal = {s.study_name: storage.get_all_trials(storage.get_study_id_from_name(s.study_name))
+               for s in storage.get_all_studies()}
+    assert {arm: len(trials) for arm, trials in journal.items()} == {"good": 2, "hopeless": 2}
+    assert all(t.state.is_finished() for trials in journal.values() for t in trials)
+    assert [sorted(t.intermediate_values) for t in journal["good"]] == [[1, 2, 3, 4], [1, 2, 3, 4]]
+
     again = run_cli("resume", str(results), "--no-dashboard")
     assert again.returncode == 0 and "nothing to resume" in again.stderr
 

@@ -2,8 +2,6 @@
 that is not blank. Needs Debian's `chromium` and `chromium-driver` (installed by .ci/run)."""
 
 import io
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,8 +9,7 @@ from results_fixtures import spec_for, synthetic_sweep, write_spec
 
 from analysis import write_report
 from analysis.figures import FIGURES
-
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+from conftest import CHROMIUM
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is not installed")
 
@@ -26,24 +23,6 @@ return Array.from(document.querySelectorAll('.plotly-graph-div')).map(div => ({
   data: (div.data || []).length,
 }));
 """
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="chromium-profile-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--window-size=1400,1000", f"--user-data-dir={profile}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)  # never downloads a driver
-    yield driver
-    driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
 
 
 def open_page(driver, page: Path, screenshot: Path):

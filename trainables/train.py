@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import os
 import random
 import sys
@@ -237,6 +238,7 @@ def train_trial(config: dict[str, Any], *, base: dict[str, dict[str, Any]], data
     """Ray Tune function trainable. See the module docstring for the contract."""
     s = resolve_settings(base, config)
     data, model_cfg, optim_cfg, train_cfg = s["data"], s["model"], s["optim"], s["train"]
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a "Checkpoint successfully created" per epoch
     set_threads()
     seed_everything(train_cfg["seed"])
     device = pick_device(train_cfg["device"], assigned_gpus(), torch.cuda.is_available())

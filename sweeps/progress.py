@@ -1,0 +1,167 @@
+"""What `sweep run` prints while trials run, instead of Tune's tables (`--verbose` brings those back).
+
+On a terminal: a live table (rich) with the counts, epochs, elapsed time and ETA, and each arm's best trial so
+far with the settings it searched. Elsewhere (a pipe, a log file, a Ray job): one status line every
+`interval` seconds and one line per trial that ends. Everything is worked out from Tune's own trial list at
+each step, so a resumed sweep counts the trials it restored.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any
+
+from ray import tune
+
+from sweeps.spec import Domain, Spec, count_trials
+
+ENDED = ("TERMINATED", "ERROR")
+
+
+class Progress(tune.Callback):
+    def __init__(self, spec: Spec, *, interval: float = 10.0):
+        self.name, self.metric, self.mode = spec.name, spec.search.metric, spec.search.mode
+        self.total = sum(count_trials(spec).values())
+        self.epochs = spec.train.epochs
+        self.max_t = spec.scheduler.max_t if spec.scheduler.name == "asha" else None
+        shared = spec.space_settings()
+        self.searched = {arm: [k for k, v in {**shared, **own}.items() if isinstance(v, Domain) and k != "train.seed"]
+                         for arm, own in spec.arm_settings().items()}
+        self.interval = interval
+        self._live = None  # a rich Live display on a terminal; not pickled with the Tuner
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k != "_live"}
+
+    def setup(self, **info) -> None:
+        from rich.console import Console
+
+        self._live, self._started, self._last_line = None, time.monotonic(), 0.0
+        self._epochs_at_start: int | None = None
+        console = Console(stderr=True)
+        if console.is_terminal:
+            from rich.live import Live
+
+            self._live = Live(console=console, refresh_per_second=2, transient=False)
+            self._live.start()
+
+    # --- Tune's events ------------------------------------------------------------------------------
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        now = time.monotonic()
+        if self._live is not None:
+            self._live.update(self._table(trials), refresh=False)
+        elif now - self._last_line >= self.interval:
+            self._say(self._status(trials))
+            self._last_line = now
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        result, arm = trial.last_result or {}, trial.config["arm"]["name"]
+        epoch, value = result.get("epoch"), result.get(self.metric)
+        settings = self._settings(trial)
+        if result.get("diverged"):
+            how = f"diverged at epoch {epoch}"
+        elif epoch is not None and epoch < self._planned(trial):
+            how = f"stopped early after {_epochs(epoch)}"
+        else:
+            how = f"completed {_epochs(epoch)}"
+        self._say(f"{trial}: {how}, {self.metric} {_number(value)}" + (f" ({settings})" if settings else ""))
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._say(f"{trial}: failed; traceback in {trial.path}/error.txt")
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        if self._live is not None:
+            self._live.update(self._table(trials), refresh=True)
+            self._live.stop()
+        else:
+            self._say(self._status(trials))
+
+    # --- what is shown --------------------------------------------------------------------------------
+
+    def _planned(self, trial) -> int:
+        epochs = int(trial.config["arm"].get("train.epochs", self.epochs))
+        return min(epochs, self.max_t) if self.max_t else epochs
+
+    def _settings(self, trial) -> str:
+        searched = self.searched.get(trial.config["arm"]["name"], [])
+        return ", ".join(f"{k}={_number(trial.config['arm'][k])}" for k in searched if k in trial.config["arm"])
+
+    def _status(self, trials: list) -> str:
+        """One line: trials by state, epochs trained of planned, elapsed time and an ETA."""
+        states = [t.status for t in trials]
+        done, failed = states.count("TERMINATED"), states.count("ERROR")
+        stopped = sum(1 for t in trials if t.status == "TERMINATED" and not (t.last_result or {}).get("diverged")
+                      and (t.last_result or {}).get("epoch", 0) < self._planned(t))
+        trained = sum((t.last_result or {}).get("epoch", 0) for t in trials)
+        planned = sum(self._planned(t) for t in trials) + (self.total - len(trials)) * min(self.epochs,
+                                                                                            self.max_t or self.epochs)
+        if self._epochs_at_start is None:
+            self._epochs_at_start = trained  # epochs restored by `sweep resume` are not this run's speed
+        elapsed = time.monotonic() - self._started
+        left = sum(self._planned(t) - (t.last_result or {}).get("epoch", 0) for t in trials if t.status not in ENDED)
+        left += (self.total - len(trials)) * min(self.epochs, self.max_t or self.epochs)
+        rate = (trained - self._epochs_at_start) / elapsed if elapsed > 0 else 0
+        eta = f", ETA {'≤ ' if self.max_t else ''}{_duration(left / rate)}" if rate > 0 and left > 0 else ""
+        return (f"{self.name}: {done} of {self.total} trials done ({stopped} stopped early), "
+                f"{states.count('RUNNING')} running, {failed} failed; {trained} of {planned} epochs; "
+                f"{_duration(elapsed)} elapsed{eta}")
+
+    def _best(self, trials: list) -> dict[str, Any]:
+        """Arm -> its best trial so far: among those that completed, else among all that reported (marked *)."""
+        sign = 1 if self.mode == "max" else -1
+        best = {}
+        for trial in trials:
+            result, arm = trial.last_result or {}, trial.config["arm"]["name"]
+            value = result.get(self.metric)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                continue
+            complete = trial.status == "TERMINATED" and result.get("epoch", 0) >= self._planned(trial)
+            key = (complete, sign * value)
+            if arm not in best or key > best[arm][0]:
+                best[arm] = (key, trial, value, complete)
+        return best
+
+    def _table(self, trials: list):
+        from rich.table import Table
+
+        table = Table(title=self._status(trials), title_justify="left", expand=False)
+        for column in ("arm", "trials", f"best {self.metric}", "epoch", "settings"):
+            table.add_column(column)
+        per_arm: dict[str, list] = {}
+        for trial in trials:
+            per_arm.setdefault(trial.config["arm"]["name"], []).append(trial)
+        best = self._best(trials)
+        for arm, own in per_arm.items():
+            ended = sum(t.status in ENDED for t in own)
+            if arm in best:
+                _, trial, value, complete = best[arm]
+                cells = [f"{_number(value)}{'' if complete else ' *'}", str((trial.last_result or {}).get("epoch", "")),
+                         self._settings(trial)]
+            else:
+                cells = ["—", "", ""]
+            table.add_row(arm, f"{ended} ended, {sum(t.status == 'RUNNING' for t in own)} running", *cells)
+        table.caption = "* not finished yet: its latest value"
+        return table
+
+    def _say(self, line: str) -> None:
+        if self._live is not None:
+            self._live.console.print(f"[sweep] {line}", markup=False, highlight=False)
+        else:
+            print(f"[sweep] {line}", file=sys.stderr, flush=True)
+
+
+def _epochs(n: Any) -> str:
+    return f"{n} epoch{'' if n == 1 else 's'}"
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"

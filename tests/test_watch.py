@@ -1,0 +1,220 @@
+"""Watching a sweep: the console in a pipe and on a terminal, the Optuna journal and optuna-dashboard in a
+real browser while the sweep runs, and MLflow against a real tracking server."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+
+from conftest import CHROMIUM, REPO, free_port, run_cli, trial_results, write_spec
+
+pytestmark = pytest.mark.slow
+
+TRIAL_LINE = re.compile(r"^\[sweep\] \w+_\w+_\d{5}: (completed \d+ epochs?|stopped early after \d+ epochs?|diverged at "
+                        r"epoch \d+|failed; traceback in \S+)")
+
+
+def wait_for(condition, timeout: float = 300, every: float = 0.1):
+    start = time.monotonic()
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() - start < timeout, "timed out"
+        time.sleep(every)
+
+
+def stop(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+# --- the console -------------------------------------------------------------------------------------------
+
+def test_the_quickstart_in_a_pipe_is_short_and_says_how_each_trial_ended(tmp_path):
+    done = run_cli("run", "quickstart", "--storage", str(tmp_path), "--no-dashboard")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = (done.stdout + done.stderr).splitlines()
+    assert len(lines) < 150, "\n".join(lines)
+    ended = [line for line in done.stderr.splitlines() if TRIAL_LINE.match(line)]
+    assert len(ended) == 20  # one line per trial, and only one
+    assert any(re.search(r"quickstart: 20 of 20 trials done \(\d+ stopped early\), 0 running, 0 failed; "
+                         r"\d+ of 180 epochs", line) for line in lines)
+    assert "Trial status:" not in done.stdout and "started with configuration" not in done.stdout
+    assert "Comparison (as in report/comparison.md)" in done.stdout
+
+
+def test_verbose_brings_back_tunes_tables(tmp_path, tiny_spec):
+    tiny_spec["train"]["epochs"] = 1
+    done = run_cli("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path), "--no-dashboard",
+                   "--verbose")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Trial status:" in done.stdout
+    assert not any(TRIAL_LINE.match(line) for line in done.stderr.splitlines())
+
+
+def test_a_terminal_gets_a_live_table(tmp_path, tiny_spec):
+    tiny_spec["train"]["epochs"] = 1
+    spec = write_spec(tmp_path, tiny_spec)
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(spec), "--storage", str(tmp_path),
+                                "--no-dashboard"], cwd=REPO, stdin=follower, stdout=follower, stderr=follower,
+                               env={**os.environ, "COLUMNS": "150", "TERM": "xterm-256color"})
+    os.close(follower)
+    shown = b""
+    while process.poll() is None or select.select([leader], [], [], 0)[0]:
+        if select.select([leader], [], [], 0.5)[0]:
+            try:
+                shown += os.read(leader, 65536)
+            except OSError:  # the terminal closed with the process
+                break
+    assert process.wait(timeout=60) == 0
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.decode(errors="replace"))
+    assert "┃ arm" in text and "best val_acc" in text and "tiny: 2 of 2 trials done" in text
+
+
+# --- the Optuna journal and the dashboard ------------------------------------------------------------------
+
+def journal_trials(results_dir: Path) -> dict[str, list[optuna.trial.FrozenTrial]]:
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(results_dir / "optuna.log")))
+    return {s.study_name: storage.get_all_trials(storage.get_study_id_from_name(s.study_name))
+            for s in storage.get_all_studies()}
+
+
+def test_the_journal_holds_every_trial_of_every_arm_as_it_ran(tmp_path, tiny_spec):
+    # ASHA stops the hopeless arm (one trial at a time, good first): pruned in Optuna's words.
+    tiny_spec.update(train={"epochs": 3}, search={"max_concurrent": 1},
+                     arms={"good": {"optimizer": "adam", "lr": {"grid": [0.003, 0.01]}},
+                           "hopeless": {"optimizer": "sgd", "lr": 1.0e-7}},
+                     scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2}, space={"seed": {"grid": [0]}})
+    done = run_cli("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path), "--no-dashboard")
+    assert done.returncode == 0, done.stderr[-3000:]
+    studies, rows = journal_trials(tmp_path / "tiny"), trial_results(tmp_path / "tiny")
+    assert sorted(studies) == ["good", "hopeless"] and len(studies["good"]) == 2 and len(studies["hopeless"]) == 1
+    for arm, trials in studies.items():
+        for trial in trials:
+            tune_rows = next(r for name, r in rows.items() if name.endswith(trial.user_attrs["tune_trial_id"]))
+            assert trial.intermediate_values == {r["epoch"]: r["val_acc"] for r in tune_rows}
+            assert set(trial.params) == ({"optim.lr", "train.seed"} if arm == "good" else {"train.seed"})
+            if tune_rows[-1]["epoch"] == 3:  # ran to the end
+                assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == tune_rows[-1]["val_acc"]
+            else:  # ASHA stopped it
+                assert trial.state == optuna.trial.TrialState.PRUNED and trial.value is None
+    assert studies["hopeless"][0].state == optuna.trial.TrialState.PRUNED
+    assert any(t.state == optuna.trial.TrialState.COMPLETE for t in studies["good"])
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is not installed")
+def test_the_dashboard_shows_a_running_sweep_in_a_browser(tmp_path, chromium):
+    # About a second per epoch and many epochs: time to look while the trial is still running.
+    spec = write_spec(tmp_path, {"name": "watched", "data": {"name": "mnist5k", "batch_size": 50},
+                                 "model": {"name": "mlp", "hidden_sizes": [1024, 1024]}, "train": {"epochs": 60},
+                                 "arms": {"sgd": {"optimizer": "sgd", "lr": 0.05}}})
+    results, port = tmp_path / "results" / "watched", free_port()
+    with open(tmp_path / "run.log", "w") as log:
+        sweep = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(spec), "--storage",
+                                  str(tmp_path / "results"), "--no-dashboard"], cwd=REPO, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+    dashboard = None
+    try:
+        first = wait_for(lambda: (results / "optuna.log").exists() and next(
+            (rows for rows in trial_results(results).values() if rows), None))
+        with open(tmp_path / "dashboard.log", "w") as log:
+            dashboard = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "dashboard", str(results), "--port",
+                                          str(port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        wait_for(lambda: _answers(f"http://127.0.0.1:{port}/api/studies"), timeout=60)
+
+        chromium.get(f"http://127.0.0.1:{port}/dashboard")
+        wait_for(lambda: "sgd" in chromium.find_element("tag name", "body").text, timeout=30)
+        assert sweep.poll() is None, "the sweep should still be running"
+        chromium.get(f"http://127.0.0.1:{port}/dashboard/studies/0/trials")
+        page = wait_for(lambda: (lambda text: text if "Intermediate Values" in text else None)(
+            chromium.find_element("tag name", "body").text), timeout=30)
+        assert "Running" in page and f"1 {first[0]['val_acc']}" in page.replace("\n", " ")
+        # New epochs appear without restarting anything.
+        later = wait_for(lambda: next((rows for rows in trial_results(results).values() if len(rows) >= 3), None))
+        chromium.refresh()
+        wait_for(lambda: f"3 {later[2]['val_acc']}" in chromium.find_element("tag name", "body").text.replace("\n", " "),
+                 timeout=30)
+        assert sweep.poll() is None, "the sweep should still be running"
+    finally:
+        stop(sweep)
+        if dashboard:
+            stop(dashboard)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            return answer.status == 200
+    except OSError:
+        return False
+
+
+def test_the_dashboard_refuses_a_port_in_use(tmp_path, tiny_spec):
+    (tmp_path / "old").mkdir()
+    write_spec(tmp_path / "old", tiny_spec)
+    done = run_cli("dashboard", str(tmp_path / "old"))
+    assert done.returncode == 2 and "no optuna.log" in done.stderr
+    (tmp_path / "old" / "optuna.log").write_text("")
+    with __import__("socket").socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = run_cli("dashboard", str(tmp_path / "old"), "--port", str(port))
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"sweep: error: --port {port}: cannot listen on 127.0.0.1:{port} (Address already in use); "
+        "choose another with --port"]
+
+
+# --- MLflow ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` (SQLite backend) on a free port, for this module's tests."""
+    folder, port = tmp_path_factory.mktemp("mlflow"), free_port()
+    process = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                                "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--default-artifact-root",
+                                str(folder / "artifacts"), "--workers", "1"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _answers(f"{uri}/health"), timeout=120, every=0.5)
+        yield uri
+    finally:
+        stop(process)
+
+
+def test_every_trial_is_an_mlflow_run_with_its_settings_metrics_and_status(tmp_path, tiny_spec, mlflow_server):
+    import mlflow
+
+    tiny_spec["run"] = {"mlflow": mlflow_server}
+    done = run_cli("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path), "--no-dashboard")
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = mlflow.MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("tiny")
+    runs = {run.info.run_name.split("_")[0]: run for run in client.search_runs([experiment.experiment_id])}
+    assert sorted(runs) == ["adam", "sgd"]
+    for arm, run in runs.items():
+        tune_rows = next(r for name, r in trial_results(tmp_path / "tiny").items() if name.startswith(arm))
+        assert run.info.status == "FINISHED" and run.data.tags["sweep"] == "tiny"
+        assert run.data.params["arm/name"] == arm and float(run.data.params["arm/optim.lr"]) == \
+            tiny_spec["arms"][arm]["lr"]
+        history = client.get_metric_history(run.info.run_id, "val_acc")
+        assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx([r["val_acc"] for r in tune_rows])
