@@ -494,11 +494,111 @@ def tuning_curves(results: Results, comparison: Comparison) -> go.Figure:
     return _tuning_plot(_tuning_info(results), _ranked_arms(comparison))
 
 
+# -- several objectives: the Pareto front of the first two ----------------------------------------
+
+class ParetoInfo(NamedTuple):
+    x: str  # the first two search metrics
+    y: str
+    points: pd.DataFrame  # pareto_table: trial_id, arm, final_<metric>..., on_front
+
+
+def _pareto_info(results: Results) -> ParetoInfo:
+    from analysis.tables import pareto_table
+
+    table = pareto_table(results)
+    if table is None:
+        raise NotApplicable("the search has one metric")
+    if table.empty:
+        raise NotApplicable("no trial has finished yet")
+    return ParetoInfo(results.search_metrics[0], results.search_metrics[1], table)
+
+
+def _pareto_plot(info: ParetoInfo, arms: list[str]) -> go.Figure:
+    points, x, y = info.points, f"final_{info.x}", f"final_{info.y}"
+    palette = colours(arms or list(dict.fromkeys(points["arm"])))
+    fig = go.Figure()
+    for arm, rows in points.groupby("arm", sort=False):
+        fig.add_trace(go.Scatter(x=rows[x], y=rows[y], mode="markers", name=arm,
+                                 marker={"color": palette.get(arm, "#888"), "size": 9,
+                                         "line": {"width": [2 if f else 0 for f in rows["on_front"]], "color": "#111"}},
+                                 text=rows["trial_id"], hovertemplate=f"%{{text}}<br>{info.x} %{{x:.4g}}<br>{info.y} "
+                                                                      f"%{{y:.4g}}<extra>{arm}</extra>"))
+    front = points[points["on_front"]].sort_values(x)
+    fig.add_trace(go.Scatter(x=front[x], y=front[y], mode="lines", name="Pareto front", line={"color": "#111",
+                                                                                              "dash": "dot"}))
+    fig.update_xaxes(title_text=f"final {info.x}")
+    fig.update_yaxes(title_text=f"final {info.y}")
+    return _layout(fig, f"Pareto front: {info.x} against {info.y}",
+                   f"{int(points['on_front'].sum())} of {len(points)} finished trials on the front (ringed): no other "
+                   "trial is at least as good on both and better on one", height=480)
+
+
+def pareto_front(results: Results, comparison: Comparison) -> go.Figure:
+    return _pareto_plot(_pareto_info(results), _ranked_arms(comparison))
+
+
+# -- population based training: each trial's learning rate, and who copied whom ---------------------
+
+class PBTInfo(NamedTuple):
+    lr: pd.DataFrame  # trial_id, arm, epoch, lr: every report of every trial
+    copies: pd.DataFrame  # trial_id, arm, epoch, copied_from, copied_epoch, lr_before, lr_after
+
+
+def pbt_copies(results: Results) -> pd.DataFrame:
+    """One row per PBT exploit: the trial, the epoch it went on from another trial's checkpoint, whose and from
+    which epoch, and its learning rate before and after (the explored value, in effect from that epoch)."""
+    epochs = results.epochs
+    columns = ["trial_id", "arm", "epoch", "copied_from", "copied_epoch", "lr_before", "lr_after"]
+    if "copied_from" not in epochs or "lr" not in epochs:
+        return pd.DataFrame(columns=columns)
+    ordered = epochs.sort_values(["trial_id", "epoch"])
+    before = ordered.groupby("trial_id")["lr"].shift(1)
+    copies = ordered.assign(lr_before=before, lr_after=ordered["lr"])[ordered["copied_from"].notna()]
+    return copies.reindex(columns=columns).reset_index(drop=True)
+
+
+def _pbt_info(results: Results) -> PBTInfo:
+    if (results.spec.get("scheduler") or {}).get("name") != "pbt":
+        raise NotApplicable("the sweep did not use PBT")
+    if "lr" not in results.epochs:
+        raise NotApplicable("no trial reported lr yet")
+    return PBTInfo(results.epochs[["trial_id", "arm", "epoch", "lr"]], pbt_copies(results))
+
+
+def _pbt_plot(info: PBTInfo, arms: list[str]) -> go.Figure:
+    palette = colours(arms or list(dict.fromkeys(info.lr["arm"])))
+    fig = go.Figure()
+    for trial_id, rows in info.lr.groupby("trial_id", sort=False):
+        arm = rows["arm"].iloc[0]
+        fig.add_trace(go.Scatter(x=rows["epoch"], y=rows["lr"], mode="lines", name=arm, legendgroup=arm,
+                                 showlegend=trial_id == info.lr[info.lr["arm"] == arm]["trial_id"].iloc[0],
+                                 line={"color": palette.get(arm, "#888"), "width": 1.5}, opacity=0.8,
+                                 hovertemplate=f"{trial_id}<br>epoch %{{x}}<br>lr %{{y:.3g}}<extra>{arm}</extra>"))
+    if len(info.copies):
+        fig.add_trace(go.Scatter(
+            x=info.copies["epoch"], y=info.copies["lr_after"], mode="markers", name="copied a better trial",
+            marker={"symbol": "star", "size": 10, "color": "#222"},
+            text=[f"{r.trial_id} took {r.copied_from}'s epoch-{int(r.copied_epoch)} checkpoint; lr "
+                  f"{r.lr_before:.3g} → {r.lr_after:.3g}" for r in info.copies.itertuples()],
+            hovertemplate="%{text}<extra></extra>"))
+    fig.update_xaxes(title_text="epoch")
+    fig.update_yaxes(title_text="lr", type="log")
+    return _layout(fig, "Population based training: each trial's learning rate",
+                   f"{len(info.copies)} copies (stars): a trial went on from a better trial of its arm, with an "
+                   "explored lr", height=460)
+
+
+def pbt_schedule(results: Results, comparison: Comparison) -> go.Figure:
+    return _pbt_plot(_pbt_info(results), _ranked_arms(comparison))
+
+
 FIGURES: dict[str, Callable[[Results, Comparison], go.Figure]] = {
     "comparison": comparison_figure,
     "learning_curves": learning_curves,
     "lr_sensitivity": lr_sensitivity,
     "tuning_curves": tuning_curves,
+    "pbt": pbt_schedule,
+    "pareto": pareto_front,
     "batch_size": batch_size_effect,
     "parallel_coordinates": parallel_coordinates,
     "generalisation": generalisation,

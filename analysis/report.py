@@ -17,9 +17,10 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs, get_plotlyjs_version
 
 from analysis.budget import TUNING_ASSUMES, time_to_target, tuning_curves
-from analysis.figures import FIGURES, NotApplicable
+from analysis.figures import FIGURES, NotApplicable, pbt_copies
 from analysis.results import STATUSES, Results, ResultsError, _read_spec, load_results
-from analysis.tables import Comparison, compare, comparison_markdown, display, reference_table, seed_columns
+from analysis.tables import (Comparison, compare, comparison_markdown, display, pareto_table, reference_table,
+                             seed_columns)
 
 STYLE = """
 body { font: 15px/1.45 system-ui, sans-serif; color: #222; max-width: 1280px; margin: 0 auto; padding: 0 24px 48px; }
@@ -59,6 +60,11 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, *, 
         tables["reference.csv"] = reference.to_csv(index=False)
     if len(curves):
         tables["tuning_curves.csv"] = curves.to_csv(index=False)
+    if (results.spec.get("scheduler") or {}).get("name") == "pbt":
+        tables["pbt.csv"] = pbt_copies(results).to_csv(index=False)
+    pareto = pareto_table(results)
+    if pareto is not None:
+        tables["pareto.csv"] = pareto.to_csv(index=False)
     for name, frame in (("trials", results.trials), ("epochs", results.epochs)):
         tables[f"{name}.csv"] = frame.to_csv(index=False)
         tables[f"{name}.parquet"] = frame.to_parquet(index=False)

@@ -25,6 +25,9 @@ RAY_KEYS = frozenset({
     "experiment_tag", "experiment_id", "checkpoint_dir_name", "should_checkpoint", "timesteps_total",
     "episodes_total", "timesteps_since_restore", "timesteps_this_iter", "episodes_this_iter",
 })
+# Columns of the epochs table that are not metrics: who, when, and (PBT) whose checkpoint an epoch went on from.
+EPOCH_KEYS = ("trial_id", "arm", "epoch", "time_total_s", "copied_from", "copied_epoch")
+BASE_KEYS = ("trial_id", "arm", "epoch", "time_total_s")  # in every epochs table, even an empty one
 # How a trial ended. "stopped": the scheduler (ASHA) ended it early; "running": not ended yet.
 STATUSES = ("completed", "stopped", "diverged", "error", "running")
 # Trials whose final metric is a result: trained to the end, or diverged (a result, not an error).
@@ -47,12 +50,23 @@ class Results:
     confusion: dict[str, tuple[list[str], list[list[float]]]]  # trial_id -> (classes, [true][pred] counts)
 
     @property
+    def search_metrics(self) -> list[str]:
+        """The search metrics: one, or several (a Pareto front; the first ranks the comparison)."""
+        metric = (self.spec.get("search") or {}).get("metric", "val_acc")
+        return list(metric) if isinstance(metric, list) else [metric]
+
+    @property
+    def search_modes(self) -> list[str]:
+        mode = (self.spec.get("search") or {}).get("mode", "max")
+        return list(mode) if isinstance(mode, list) else [mode]
+
+    @property
     def metric(self) -> str:
-        return (self.spec.get("search") or {}).get("metric", "val_acc")
+        return self.search_metrics[0]
 
     @property
     def mode(self) -> str:
-        return (self.spec.get("search") or {}).get("mode", "max")
+        return self.search_modes[0]
 
 
 def load_results(results_dir: str | Path) -> Results:
@@ -80,8 +94,8 @@ def load_results(results_dir: str | Path) -> Results:
 
     hyperparameters = list(dict.fromkeys(k for row in trial_rows for k in row["config"]))
     epochs = pd.DataFrame(epoch_rows)
-    metrics = [c for c in epochs.columns if c not in ("trial_id", "arm", "epoch", "time_total_s")]
-    epochs = epochs.reindex(columns=["trial_id", "arm", "epoch", "time_total_s", *metrics])
+    metrics = [c for c in epochs.columns if c not in EPOCH_KEYS]
+    epochs = epochs.reindex(columns=[*(k for k in EPOCH_KEYS if k in epochs or k in BASE_KEYS), *metrics])
     trials = _trials_frame(trial_rows, hyperparameters, epochs, metrics, _search_metric(spec))
     partial = trials.empty or unreadable > 0 or bool((trials["status"] == "running").any())
     return Results(directory, spec, trials, epochs, partial, hyperparameters, metrics, confusion)
@@ -105,8 +119,10 @@ def _read_spec(directory: Path) -> dict:
 
 
 def _search_metric(spec: dict) -> tuple[str, str]:
+    """The (first) search metric and its mode."""
     search = spec.get("search") or {}
-    return search.get("metric", "val_acc"), search.get("mode", "max")
+    metric, mode = search.get("metric", "val_acc"), search.get("mode", "max")
+    return (metric[0] if isinstance(metric, list) else metric), (mode[0] if isinstance(mode, list) else mode)
 
 
 def _read_trial(trial_dir: Path, spec: dict):
@@ -127,6 +143,8 @@ def _read_trial(trial_dir: Path, spec: dict):
         epoch = row.get("epoch", row.get("training_iteration"))
         by_epoch[epoch] = {"time_total_s": row.get("time_total_s", math.nan),  # Ray's clock: since the trial began
                            **{k: v for k, v in row.items() if k not in RAY_KEYS and (type(v) is float or type(v) is int)}}
+        if "copied_from" in row:  # PBT: this epoch trained on from another trial's checkpoint
+            by_epoch[epoch]["copied_from"] = str(row["copied_from"])
     epochs = [{"trial_id": trial_id, "arm": arm, "epoch": epoch, **metrics}
               for epoch, metrics in sorted(by_epoch.items())]
 
@@ -207,8 +225,8 @@ def _flatten(config: dict, prefix: str = "") -> dict:
 def _planned_epochs(config: dict, spec: dict) -> int | None:
     epochs = config.get("train.epochs", (spec.get("train") or {}).get("epochs"))
     scheduler = spec.get("scheduler") or {}
-    if scheduler.get("name") == "asha" and scheduler.get("max_t") and epochs is not None:
-        epochs = min(epochs, scheduler["max_t"])  # ASHA ends every trial at max_t
+    if scheduler.get("name") in ("asha", "hyperband") and scheduler.get("max_t") and epochs is not None:
+        epochs = min(epochs, scheduler["max_t"])  # ASHA and HyperBand end every trial at max_t
     return int(epochs) if epochs is not None else None
 
 

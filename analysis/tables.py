@@ -202,6 +202,25 @@ def reference_table(results: Results, comparison: Comparison) -> pd.DataFrame | 
     return pd.DataFrame(rows).reindex(columns=columns)
 
 
+def pareto_table(results: Results) -> pd.DataFrame | None:
+    """With several search metrics: every finished trial's final values, and whether it is on the Pareto front
+    (no other finished trial is at least as good on every metric and better on one). None with one metric."""
+    metrics = results.search_metrics
+    if len(metrics) < 2:
+        return None
+    columns = [f"final_{m}" for m in metrics]
+    trials = results.trials
+    done = trials[trials["status"].isin(FINISHED)].reindex(columns=["trial_id", "arm", *columns])
+    values = done[columns].to_numpy(float) * np.array([1 if mode == "max" else -1 for mode in results.search_modes])
+    finite = np.isfinite(values).all(axis=1)
+    front = []
+    for i, row in enumerate(values):
+        beaten = finite & (values >= row).all(axis=1) & (values > row).any(axis=1)
+        front.append(bool(finite[i] and not beaten.any()))
+    table = done.assign(on_front=front).reset_index(drop=True)
+    return table.sort_values(["on_front", columns[0]], ascending=[False, results.mode == "min"])
+
+
 # Short headers for Markdown and HTML; the CSV keeps the exact column names.
 HEADERS = {"best_config": "best configuration", "n_seeds": "seeds", "n_seeds_diverged": "seeds diverged",
            "n_now": "seeds now", "sd_diff": "sd of differences", "power_now": "power now", "seeds_needed": "seeds needed",

@@ -45,10 +45,8 @@ def cmd_validate(args: argparse.Namespace) -> None:
     per_arm = (f" per arm, one TPE study each ({spec.search.tpe_startup_trials()} start-up trials)"
                if spec.search.algorithm == "optuna" else "")
     print(f"  search     {spec.search.algorithm}, num_samples {spec.search.num_samples}{per_arm}, "
-          f"{spec.search.metric} ({spec.search.mode})")
-    sched = spec.scheduler
-    print(f"  scheduler  {sched.name}" + (f" (grace {sched.grace_period}, reduction {sched.reduction_factor:g}, "
-                                          f"max_t {sched.max_t or 'epochs'})" if sched.name == "asha" else ""))
+          f"{', '.join(f'{m} ({o})' for m, o in zip(spec.search.metrics, spec.search.modes))}")
+    print(f"  scheduler  {spec.scheduler.plan(spec.train.epochs)}")
     print(f"  resources  {spec.resources.cpu:g} CPU, {spec.resources.gpu:g} GPU per trial")
     print(f"  trials     {sum(trials.values())}")
     width = max(14, *map(len, trials))

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 from ray import tune
 
+from sweeps.space import _category, distribution
 from sweeps.spec import Domain, Spec, SpecError
 
 JOURNAL = "optuna.log"
@@ -29,30 +30,17 @@ def _storage(path: Path) -> optuna.storages.JournalStorage:
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
 
 
-def _distribution(domain: Domain) -> BaseDistribution:
-    if domain.kind in ("grid", "choice"):
-        return CategoricalDistribution([_plain(v) for v in domain.values])
-    if domain.kind == "int":
-        return IntDistribution(*domain.values)
-    return FloatDistribution(*domain.values, log=domain.kind == "loguniform")
-
-
-def _plain(value: Any) -> Any:
-    """Optuna's categorical choices must be None, bool, int, float or str: lists become their text."""
-    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
-
-
 class OptunaJournal(tune.Callback):
     """Mirrors every trial of the sweep into an Optuna journal at `path` (see the module docstring)."""
 
     def __init__(self, spec: Spec, path: Path):
-        self.path, self.metric = Path(path), spec.search.metric
-        self.direction = "maximize" if spec.search.mode == "max" else "minimize"
+        self.path, self.metrics = Path(path), spec.search.metrics
+        self.directions = ["maximize" if mode == "max" else "minimize" for mode in spec.search.modes]
         shared = spec.space_settings()
         self.domains = {arm: {k: v for k, v in {**shared, **own}.items() if isinstance(v, Domain)}
                         for arm, own in spec.arm_settings().items()}
         self.epochs = spec.train.epochs
-        self.max_t = spec.scheduler.max_t if spec.scheduler.name == "asha" else None
+        self.max_t = spec.scheduler.epoch_cap()
         self._storage = None  # opened in setup: a journal storage is not pickled with the Tuner
 
     def __getstate__(self) -> dict:
@@ -70,7 +58,7 @@ class OptunaJournal(tune.Callback):
                         storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
 
     def _study_id(self, arm: str) -> int:
-        optuna.create_study(storage=self._storage, study_name=arm, direction=self.direction, load_if_exists=True)
+        optuna.create_study(storage=self._storage, study_name=arm, directions=self.directions, load_if_exists=True)
         return self._storage.get_study_id_from_name(arm)
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
@@ -79,8 +67,9 @@ class OptunaJournal(tune.Callback):
         arm = trial.config["arm"]
         settings = {**arm, **{k: v for k, v in trial.config.items() if k != "arm"}}
         domains = self.domains.get(arm["name"], {})
-        params = {k: _plain(settings[k]) for k in domains if k in settings}
-        distributions = {k: _distribution(domains[k]) for k in params}
+        params = {k: _category(settings[k]) if domains[k].kind in ("grid", "choice") else settings[k]
+                  for k in domains if k in settings}
+        distributions = {k: distribution(domains[k]) for k in params}
         if SEED in settings and SEED not in params:  # the replicate, shown beside the searched settings
             params[SEED], distributions[SEED] = settings[SEED], CategoricalDistribution([settings[SEED]])
         frozen = create_trial(state=TrialState.RUNNING, params=params, distributions=distributions,
@@ -88,21 +77,21 @@ class OptunaJournal(tune.Callback):
         self._ids[trial.trial_id] = self._storage.create_new_trial(self._study_id(arm["name"]), template_trial=frozen)
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
-        value, epoch = result.get(self.metric), result.get("epoch")
-        if trial.trial_id in self._ids and isinstance(value, (int, float)) and epoch is not None and value == value:
+        value, epoch = result.get(self.metrics[0]), result.get("epoch")
+        if (trial.trial_id in self._ids and len(self.metrics) == 1 and _finite(value) and epoch is not None):
             self._storage.set_trial_intermediate_value(self._ids[trial.trial_id], int(epoch), float(value))
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         result = trial.last_result or {}
-        value, epoch = result.get(self.metric), result.get("epoch", 0)
+        values, epoch = [result.get(m) for m in self.metrics], result.get("epoch", 0)
         planned = int(trial.config["arm"].get("train.epochs", self.epochs))
         planned = min(planned, self.max_t) if self.max_t else planned
-        if not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+        if not all(_finite(v) for v in values):
             self._finish(trial, TrialState.FAIL)
         elif epoch < planned and not result.get("diverged"):
             self._finish(trial, TrialState.PRUNED)  # stopped early by the scheduler
         else:
-            self._finish(trial, TrialState.COMPLETE, [float(value)])
+            self._finish(trial, TrialState.COMPLETE, [float(v) for v in values])
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         self._finish(trial, TrialState.FAIL)
@@ -111,6 +100,10 @@ class OptunaJournal(tune.Callback):
         trial_id = self._ids.pop(trial.trial_id, None)
         if trial_id is not None:
             self._storage.set_trial_state_values(trial_id, state, values)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and value == value and abs(value) != float("inf")
 
 
 def serve(results_dir: str, *, host: str = "127.0.0.1", port: int = 8080) -> None:

@@ -22,10 +22,10 @@ ENDED = ("TERMINATED", "ERROR")
 
 class Progress(tune.Callback):
     def __init__(self, spec: Spec, *, interval: float = 10.0):
-        self.name, self.metric, self.mode = spec.name, spec.search.metric, spec.search.mode
+        self.name, self.metric, self.mode = spec.name, spec.search.metrics[0], spec.search.modes[0]
         self.total = sum(count_trials(spec).values())
         self.epochs = spec.train.epochs
-        self.max_t = spec.scheduler.max_t if spec.scheduler.name == "asha" else None
+        self.max_t = spec.scheduler.epoch_cap()
         shared = spec.space_settings()
         self.searched = {arm: [k for k, v in {**shared, **own}.items() if isinstance(v, Domain) and k != "train.seed"]
                          for arm, own in spec.arm_settings().items()}

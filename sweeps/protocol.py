@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from sweeps.runner import (SPEC_FILE, build_tuner, check_failures, check_local_fit, check_mlflow, new_results_dir,
-                           prepare_data, read_spec, say, sizes_said, start_ray, storage_uri, write_text)
+                           prepare_data, read_spec, say, sizes_said, start_ray, storage_uri, warm_start,
+                           write_text)
 from sweeps.spec import Spec, SpecError, count_trials, dump_spec, validate_spec
 
 TUNE, CONFIRM = "tune", "confirm"
@@ -39,7 +40,8 @@ def confirm_spec(spec: Spec, tuned: dict[str, dict[str, Any]]) -> Spec:
     raw = spec.model_dump(mode="json", by_alias=True)
     raw.update(name=CONFIRM, protocol=None, arms=tuned,
                space={"train.seed": {"grid": list(range(spec.protocol.confirm_seeds))}},
-               search={**raw["search"], "algorithm": "grid", "num_samples": 1, "max_concurrent": None},
+               search={**raw["search"], "algorithm": "grid", "num_samples": 1, "max_concurrent": None,
+                       "warm_start": None},
                scheduler={"name": "fifo"},
                notes=[*spec.notes, f"stage 2 of {spec.name}: each arm's tuned configuration over "
                                    f"{spec.protocol.confirm_seeds} seeds; test split evaluated once per trial"])
@@ -87,6 +89,7 @@ def run_protocol(spec: Spec, *, storage: str | None = None, address: str | None 
     results_dir = Path(storage) / spec.name if resume else Path(new_results_dir(storage, spec.name))
     if spec.run.mlflow:
         check_mlflow(spec.run.mlflow)
+    warm = None if resume else warm_start(spec)
     dataset = prepare_data(spec)
     spec.notes = [*spec.notes, *sizes_said(spec)] if not resume else spec.notes
     start_ray(address, dashboard=dashboard, storage=str(results_dir))
@@ -100,8 +103,8 @@ def run_protocol(spec: Spec, *, storage: str | None = None, address: str | None 
 
     # The tune stage's trials receive no test split at all: it cannot leak into the choice of settings.
     validation_only = dataclasses.replace(dataset, test_x=None, test_y=None)
-    _run_stage(results_dir, TUNE, lambda: tune_spec(spec), validation_only, verbose)
-    tuned = tuned_settings(results_dir / TUNE, spec.search.metric, spec.search.mode)
+    _run_stage(results_dir, TUNE, lambda: tune_spec(spec), validation_only, verbose, warm)
+    tuned = tuned_settings(results_dir / TUNE, spec.search.metrics[0], spec.search.modes[0])
     for arm, settings in tuned.items():
         say(f"tuned {arm}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                          for k, v in settings.items()))
@@ -109,7 +112,7 @@ def run_protocol(spec: Spec, *, storage: str | None = None, address: str | None 
     return str(results_dir)
 
 
-def _run_stage(results_dir: Path, stage: str, make_spec, dataset, verbose: bool) -> None:
+def _run_stage(results_dir: Path, stage: str, make_spec, dataset, verbose: bool, warm: dict | None = None) -> None:
     from ray import tune
 
     stage_dir = results_dir / stage
@@ -121,5 +124,5 @@ def _run_stage(results_dir: Path, stage: str, make_spec, dataset, verbose: bool)
         say(f"stage {stage}: {sum(count_trials(stage_spec).values())} trials")
         write_text(str(stage_dir / SPEC_FILE), dump_spec(stage_spec))
         tuner = build_tuner(stage_spec, dataset, storage=str(results_dir), verbose=verbose,
-                            experiment=f"{results_dir.name}/{stage}")
+                            experiment=f"{results_dir.name}/{stage}", warm=warm)
     check_failures(tuner.fit())

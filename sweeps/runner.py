@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import sys
@@ -11,10 +12,11 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.fs
 import yaml
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import ASHAScheduler, AsyncHyperBandScheduler, FIFOScheduler, MedianStoppingRule
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -184,10 +186,11 @@ def check_local_fit(spec: Spec) -> None:
 
 
 def build_tuner(spec: Spec, dataset: Dataset, *, storage: str, restore: str | None = None, verbose: bool = False,
-                experiment: str | None = None):
+                experiment: str | None = None, warm: dict | None = None):
     """The Tuner for this spec; `restore` continues the sweep in that results directory (with the callbacks
     and verbosity it was started with). `verbose`: Tune's own tables instead of our progress display.
-    `experiment`: the MLflow experiment's name (default: the spec's)."""
+    `experiment`: the MLflow experiment's name (default: the spec's). `warm`: earlier trials for the Optuna
+    searcher (`sweeps.space.warm_start_trials`)."""
     from trainables.train import train_trial
 
     # Tune snapshots its state after every checkpoint (what keeps `sweep resume` exact) and warns that
@@ -201,21 +204,16 @@ def build_tuner(spec: Spec, dataset: Dataset, *, storage: str, restore: str | No
     if restore:
         return tune.Tuner.restore(restore, trainable=trainable, resume_unfinished=True, resume_errored=True)
 
-    metric, mode = spec.search.metric, spec.search.mode
+    metric, mode = spec.search.metrics[0], spec.search.modes[0]  # several: the searcher takes them all
     if spec.search.algorithm == "optuna":
-        searcher = PerArmOptuna(spec)
+        searcher = PerArmOptuna(spec, warm)
         if spec.search.max_concurrent:
             searcher = ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)
         space, num_samples = None, sum(count_trials(spec).values())
     else:  # every configuration is drawn in param_space; Tune only crosses them with the seeds
         searcher = BasicVariantGenerator(max_concurrent=spec.search.max_concurrent or 0)
         space, num_samples = param_space(spec), 1
-    if spec.scheduler.name == "asha":
-        max_t = spec.scheduler.max_t or max_epochs(spec)
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=spec.scheduler.grace_period,
-                                  reduction_factor=spec.scheduler.reduction_factor)
-    else:
-        scheduler = FIFOScheduler()
+    scheduler = SCHEDULERS[spec.scheduler.name](spec)
     return tune.Tuner(
         trainable,
         param_space=space,
@@ -269,22 +267,116 @@ def check_mlflow(uri: str) -> None:
         check_writable(uri.removeprefix("file://").removeprefix("file:"), "run.mlflow")
 
 
+# --- schedulers: every setting in epochs ----------------------------------------------------------
+
+def _asha(spec: Spec):
+    s = spec.scheduler
+    return ASHAScheduler(time_attr="epoch", max_t=s.max_t or max_epochs(spec), grace_period=s.grace_period,
+                         reduction_factor=s.reduction_factor)
+
+
+class AsyncHyperBand(AsyncHyperBandScheduler):
+    """Asynchronous HyperBand (Li et al. 2020, "A System for Massively Parallel Hyperparameter Tuning"): ASHA in
+    several brackets, bracket s judging trials from epoch grace_period * reduction_factor^s, the last one never,
+    so a trial that starts slowly can still get the whole budget.
+
+    Not Ray's synchronous HyperBandScheduler: it pauses trials between halvings, and on Ray 2.60 a 4-trial sweep
+    here hung in 3 of 19 runs with a paused trial that never resumed (Tune's loop spinning; ray#37605). Ray draws
+    each trial's bracket at random; here trials are dealt to the brackets in turn, in Ray's proportions, so two
+    runs of one spec stop the same trials.
+    """
+
+    def __init__(self, spec: Spec):
+        s = spec.scheduler
+        max_t = s.max_t or max_epochs(spec)
+        brackets = int(math.log(max_t / s.grace_period) / math.log(s.reduction_factor) + 1e-9) + 1
+        super().__init__(time_attr="epoch", max_t=max_t, grace_period=s.grace_period,
+                         reduction_factor=s.reduction_factor, brackets=brackets)
+        self._dealt = [0] * brackets
+        self._seen: set[str] = set()  # every trial ever dealt (ASHA forgets a trial's bracket once it ends)
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        if trial.trial_id in self._seen:
+            return  # after `sweep resume` Tune adds every restored trial again, finished ones included
+        sizes = np.array([len(bracket._rungs) for bracket in self._brackets])
+        shares = np.e ** (sizes - sizes.max())  # Ray's weights: more trials where more rungs can stop them
+        index = int(np.argmin((np.array(self._dealt) + 1) / shares))
+        self._dealt[index] += 1
+        self._seen.add(trial.trial_id)
+        self._trial_info[trial.trial_id] = self._brackets[index]
+
+
+def _median(spec: Spec):
+    s = spec.scheduler
+    return MedianStoppingRule(time_attr="epoch", grace_period=s.grace_period, min_samples_required=s.min_samples_required)
+
+
+def _pbt(spec: Spec):
+    from sweeps.space import PerArmPBT
+
+    return PerArmPBT(spec)
+
+
+SCHEDULERS = {"fifo": lambda spec: FIFOScheduler(), "asha": _asha, "hyperband": AsyncHyperBand, "median": _median,
+              "pbt": _pbt}
+
+
 class SchedulerState(tune.Callback):
-    """Saves the scheduler (ASHA's rungs) with Tune's experiment state, and restores it on `sweep resume`.
+    """Saves the scheduler (ASHA's rungs and HyperBand's brackets, the median rule's history, PBT's population) with
+    Tune's experiment state, and restores it on `sweep resume`.
 
     Ray 2.60 saves the searcher's state but not the scheduler's: without this, a resumed ASHA sweep
     judges every trial against empty rungs and lets through trials it would have stopped. Tune pickles
     this callback and the scheduler together in tuner.pkl, so after a restore both still share one object.
+    The median rule and PBT key their state by Trial objects, which hash by identity: after a restore those
+    are copies, so they are relinked to the restored trials (same trial id) before the first step.
     """
 
     def __init__(self, scheduler) -> None:
         self.scheduler = scheduler
+        self._restored = False
 
     def get_state(self) -> dict:
         return {"scheduler": dict(vars(self.scheduler))}
 
     def set_state(self, state: dict) -> None:
         vars(self.scheduler).update(state["scheduler"])
+        self._restored = True
+
+    def on_step_begin(self, iteration: int, trials: list, **info) -> None:
+        if self._restored:
+            relink(self.scheduler, {trial.trial_id: trial for trial in trials})
+            self._restored = False
+
+
+def relink(obj, live: dict, seen: set | None = None):
+    """`obj` with every Trial in it (dict keys and values, lists, sets, tuples, the attributes of Tune's own
+    scheduler classes) replaced by the live Trial of the same id; containers and objects are updated in place."""
+    from ray.tune.experiment import Trial
+
+    seen = set() if seen is None else seen
+    if isinstance(obj, Trial):
+        return live.get(obj.trial_id, obj)
+    if id(obj) in seen:
+        return obj
+    seen.add(id(obj))
+    if isinstance(obj, dict):
+        items = [(relink(k, live, seen), relink(v, live, seen)) for k, v in obj.items()]
+        obj.clear()
+        obj.update(items)
+    elif isinstance(obj, list):
+        obj[:] = [relink(v, live, seen) for v in obj]
+    elif isinstance(obj, set):
+        items = {relink(v, live, seen) for v in obj}
+        obj.clear()
+        obj.update(items)
+    elif isinstance(obj, tuple):
+        return type(obj)(relink(v, live, seen) for v in obj) if not hasattr(obj, "_fields") else \
+            type(obj)(*(relink(v, live, seen) for v in obj))
+    elif type(obj).__module__.startswith(("ray.tune.schedulers", "sweeps.")):
+        for name, value in vars(obj).items():
+            setattr(obj, name, relink(value, live, seen))
+    return obj
 
 
 def trial_name(trial) -> str:
@@ -354,11 +446,12 @@ def run_sweep(spec: Spec, *, storage: str | None = None, address: str | None = N
     results_dir = new_results_dir(storage, spec.name)
     if spec.run.mlflow:
         check_mlflow(spec.run.mlflow)
+    warm = warm_start(spec)
     dataset = prepare_data(spec)
     if spec.smoke and dataset.note:
         spec.notes = [*spec.notes, dataset.note]
     spec.notes = [*spec.notes, *sizes_said(spec)]
-    if spec.scheduler.name == "asha" and not spec.scheduler.max_t:
+    if spec.scheduler.name in ("asha", "hyperband") and not spec.scheduler.max_t:
         spec.scheduler.max_t = max_epochs(spec)  # the spec as run states the rung ladder in full
     start_ray(address, dashboard=dashboard, storage=storage)
     if not address:
@@ -367,7 +460,7 @@ def run_sweep(spec: Spec, *, storage: str | None = None, address: str | None = N
     trials = count_trials(spec)
     say(f"{spec.name}: {sum(trials.values())} trials ({', '.join(f'{a} {n}' for a, n in trials.items())}); "
         f"results in {results_dir}")
-    tuner = build_tuner(spec, dataset, storage=storage, verbose=verbose)
+    tuner = build_tuner(spec, dataset, storage=storage, verbose=verbose, warm=warm)
     del dataset  # trials read the object store's copy; the driver's own would pay for the data twice
     check_failures(tuner.fit())
     return results_dir
@@ -426,6 +519,18 @@ def check_checkpoint(folder: Path) -> None:
     if problem:
         raise SpecError(f"{path}: corrupted checkpoint ({problem}); delete this file and resume again "
                         "to train that trial again from epoch 1")
+
+
+def warm_start(spec: Spec) -> dict | None:
+    """The earlier sweep's trials for search.warm_start, checked before anything starts (SpecError), and said."""
+    if not spec.search.warm_start:
+        return None
+    from sweeps.space import warm_start_trials
+
+    warm = warm_start_trials(spec)
+    say(f"warm start from {spec.search.warm_start}: " + (", ".join(f"{arm} {len(trials)}" for arm, trials in
+                                                                warm.items()) or "no finished trial") + " earlier trials")
+    return warm
 
 
 def sizes_said(spec: Spec) -> list[str]:

@@ -18,11 +18,13 @@ import math
 import pickle
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
 from ray import tune
+from ray.tune.schedulers import PopulationBasedTraining
 from ray.tune.search import Searcher
 
 from sweeps.spec import Domain, Spec
@@ -79,6 +81,20 @@ def param_space(spec: Spec) -> dict[str, Any]:
     return space
 
 
+def distribution(domain: Domain) -> optuna.distributions.BaseDistribution:
+    """The Optuna distribution `_suggest` samples a domain from (also how the journal and warm start record it)."""
+    if domain.kind in ("grid", "choice"):
+        return optuna.distributions.CategoricalDistribution([_category(v) for v in domain.values])
+    if domain.kind == "int":
+        return optuna.distributions.IntDistribution(*domain.values)
+    return optuna.distributions.FloatDistribution(*domain.values, log=domain.kind == "loguniform")
+
+
+def _category(value: Any) -> Any:
+    """Optuna's categorical choices must be None, bool, int, float or str: lists become their text."""
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
 def _suggest(trial: optuna.Trial, name: str, domain: Domain) -> Any:
     """Ask an Optuna trial for one value of `domain` under `name`."""
     if domain.kind == "choice":
@@ -108,18 +124,21 @@ class PerArmOptuna(Searcher):
     A trial the scheduler stopped early is told to Optuna as pruned, not as complete with a partial score.
     """
 
-    def __init__(self, spec: Spec):
-        super().__init__(metric=spec.search.metric, mode=spec.search.mode)
+    def __init__(self, spec: Spec, warm: dict[str, list[optuna.trial.FrozenTrial]] | None = None):
+        super().__init__(metric=spec.search.metrics[0], mode=spec.search.modes[0])
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # one log line per trial is Tune's job
         self.arms = {arm: {**spec.space_settings(), **own} for arm, own in spec.arm_settings().items()}
+        self.metrics = spec.search.metrics  # several: TPE's multi-objective mode, and no pruning
         self.budget = spec.search.num_samples
         self.default_epochs = spec.train.epochs
-        self.max_t = spec.scheduler.max_t if spec.scheduler.name == "asha" else None
-        direction = "maximize" if spec.search.mode == "max" else "minimize"
+        self.max_t = spec.scheduler.epoch_cap()
+        directions = ["maximize" if mode == "max" else "minimize" for mode in spec.search.modes]
         self.studies = {
-            arm: optuna.create_study(direction=direction, study_name=arm, sampler=optuna.samplers.TPESampler(
+            arm: optuna.create_study(directions=directions, study_name=arm, sampler=optuna.samplers.TPESampler(
                 seed=(spec.search.seed + zlib.crc32(arm.encode())) % 2**32, n_startup_trials=spec.search.tpe_startup_trials()))
             for arm in self.arms}
+        for arm, trials in (warm or {}).items():  # an earlier sweep's trials: TPE models them from the start
+            self.studies[arm].add_trials(trials)
         self.asked = dict.fromkeys(self.arms, 0)
         self.live: dict[str, _Live] = {}  # by Tune trial id
 
@@ -140,21 +159,21 @@ class PerArmOptuna(Searcher):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         live = self.live.get(trial_id)
         value, step = result.get(self.metric), result.get("epoch")
-        if live and step is not None and _finite(value) and step not in live.steps:  # a resumed trial may repeat one
-            live.trial.report(float(value), int(step))
+        if live and len(self.metrics) == 1 and step is not None and _finite(value) and step not in live.steps:
+            live.trial.report(float(value), int(step))  # a resumed trial may repeat an epoch: Optuna keeps the first
             live.steps.add(step)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         live = self.live.pop(trial_id, None)
         if live is None:
             return
-        study, value = self.studies[live.arm], (result or {}).get(self.metric)
-        if error or not _finite(value):
+        study, values = self.studies[live.arm], [(result or {}).get(m) for m in self.metrics]
+        if error or not all(_finite(v) for v in values):
             study.tell(live.trial, state=optuna.trial.TrialState.FAIL)
         elif result.get("epoch", live.planned) < live.planned and not result.get("diverged"):
             study.tell(live.trial, state=optuna.trial.TrialState.PRUNED)  # stopped early by the scheduler
         else:
-            study.tell(live.trial, float(value))
+            study.tell(live.trial, [float(v) for v in values] if len(values) > 1 else float(values[0]))
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
@@ -167,3 +186,131 @@ class PerArmOptuna(Searcher):
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+# --- Population Based Training within each arm -------------------------------------------------------------
+
+class ArmExplorer:
+    """PBT's explore step, per arm: each setting the arm searches is redrawn from its domain with probability
+    `resample_probability`, else perturbed as Ray's PBT does (a list value moves to a neighbour, a number is
+    scaled by 0.8 or 1.2, an integer moves by one), always inside the arm's own domain. The seed is not touched."""
+
+    def __init__(self, spec: Spec):
+        shared = spec.space_settings()
+        self.domains = {arm: {k: v for k, v in {**shared, **own}.items() if isinstance(v, Domain) and k != SEED}
+                        for arm, own in spec.arm_settings().items()}
+        self.resample_probability = spec.scheduler.resample_probability
+        self.rng = np.random.default_rng(spec.search.seed)
+
+    def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
+        arm = config["arm"]
+        for key, domain in self.domains[arm["name"]].items():
+            if self.rng.random() < self.resample_probability:
+                arm[key] = _plain(_tune_domain(domain).sample(random_state=self.rng))
+            else:
+                arm[key] = self._perturb(domain, arm[key])
+        return config
+
+    def _perturb(self, domain: Domain, value: Any) -> Any:
+        up = bool(self.rng.random() < 0.5)
+        if domain.kind in ("grid", "choice"):
+            values = list(domain.values)
+            index = values.index(value) if value in values else 0
+            return values[min(max(index + (1 if up else -1), 0), len(values) - 1)]
+        low, high = domain.values
+        if domain.kind == "int":
+            return int(min(max(value + (1 if up else -1), low), high))
+        return float(min(max(value * (1.2 if up else 0.8), low), high))
+
+
+class PerArmPBT(PopulationBasedTraining):
+    """Ray's Population Based Training, with each arm a population of its own: a trial in the bottom quantile of
+    its arm copies (weights, optimizer state and settings) a trial from the top quantile of the same arm, then
+    explores from there (ArmExplorer). Across arms a copy could not even load: another arm may train another
+    model or optimizer. Ray's own quantile logic runs unchanged, on the arm of the trial that reported."""
+
+    def __init__(self, spec: Spec):
+        s = spec.scheduler
+        super().__init__(time_attr="epoch", perturbation_interval=s.perturbation_interval,
+                         quantile_fraction=s.quantile_fraction, resample_probability=s.resample_probability,
+                         custom_explore_fn=ArmExplorer(spec), log_config=True)
+        self._arm: str | None = None
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        self._arm = trial.config["arm"]["name"]
+        return super().on_trial_result(tune_controller, trial, result)
+
+    def _quantiles(self):
+        everyone = self._trial_state
+        self._trial_state = {t: s for t, s in everyone.items() if t.config["arm"]["name"] == self._arm}
+        try:
+            return super()._quantiles()
+        finally:
+            self._trial_state = everyone
+
+
+# --- warm start: an earlier sweep's trials for the Optuna studies ---------------------------------------------
+
+def warm_start_trials(spec: Spec) -> dict[str, list[optuna.trial.FrozenTrial]]:
+    """Arm -> the earlier sweep's trials (search.warm_start) as Optuna trials: completed and diverged ones with
+    their final scores, stopped ones as pruned with their per-epoch scores. That sweep must have the same arms,
+    the same settings in each (domains and fixed values alike) and the same metrics; else SpecError names
+    what differs."""
+    from analysis import ResultsError, load_results
+    from sweeps.spec import SpecError, validate_spec
+
+    directory = spec.search.warm_start
+    where = f"search.warm_start {directory}"
+    root = Path(directory)
+    if (root / "tune" / "spec.yaml").exists():
+        root = root / "tune"  # a protocol: its tune stage is where it searched
+    try:
+        earlier = load_results(root)
+    except ResultsError as err:
+        raise SpecError(f"{where}: {err}") from None
+    before = validate_spec(earlier.spec, str(root / "spec.yaml"))
+    if before.search.metrics != spec.search.metrics:
+        raise SpecError(f"{where}: it searched on {before.search.metrics}, this sweep on {spec.search.metrics}")
+    mine, theirs = spec.arm_settings(), before.arm_settings()
+    shared, their_shared = spec.space_settings(), before.space_settings()
+    for arm, own in mine.items():
+        if arm not in theirs:
+            raise SpecError(f"{where}: arm {arm} is not in that sweep (it has {', '.join(theirs)})")
+        now, then = {**shared, **own}, {**their_shared, **theirs[arm]}
+        for key in sorted(now.keys() | then.keys()):
+            if now.get(key) != then.get(key):
+                raise SpecError(f"{where}: arms.{arm}.{key} is {_shown(then.get(key))} there and {_shown(now.get(key))} "
+                                "here; warm start needs the same settings")
+    trials = earlier.trials
+    warm: dict[str, list[optuna.trial.FrozenTrial]] = {}
+    for arm, own in mine.items():
+        domains = {k: v for k, v in {**shared, **own}.items() if isinstance(v, Domain)}
+        for _, row in trials[trials["arm"] == arm].iterrows():
+            values = [row.get(f"final_{m}") for m in spec.search.metrics]
+            params = {k: _warm_value(domains[k], row[k]) for k in domains if k in row and row[k] == row[k]}
+            if len(params) != len(domains):
+                continue
+            dists = {k: distribution(domains[k]) for k in params}
+            if row["status"] in ("completed", "diverged") and all(_finite(v) for v in values):
+                warm.setdefault(arm, []).append(optuna.trial.create_trial(
+                    params=params, distributions=dists, values=[float(v) for v in values],
+                    user_attrs={"warm_start": row["trial_id"]}))
+            elif row["status"] == "stopped" and len(values) == 1:
+                curve = earlier.epochs[earlier.epochs["trial_id"] == row["trial_id"]]
+                warm.setdefault(arm, []).append(optuna.trial.create_trial(
+                    params=params, distributions=dists, state=optuna.trial.TrialState.PRUNED,
+                    intermediate_values={int(e): float(v) for e, v in zip(curve["epoch"], curve[spec.search.metrics[0]])
+                                         if _finite(v)}, user_attrs={"warm_start": row["trial_id"]}))
+    return warm
+
+
+def _warm_value(domain: Domain, value: Any) -> Any:
+    """A setting read back from a results table, as its Optuna distribution holds it (pandas may have made an
+    int column float, or a list its JSON text)."""
+    if domain.kind in ("grid", "choice"):
+        return _category(value)
+    return int(value) if domain.kind == "int" else float(value)
+
+
+def _shown(value: Any) -> str:
+    return "absent" if value is None else f"{value.kind}{list(value.values)}" if isinstance(value, Domain) else repr(value)

@@ -236,10 +236,19 @@ class Search(Strict):
     algorithm: Literal["grid", "random", "optuna"] = "grid"  # grid/random: Tune's variant generator; optuna: TPE
     num_samples: PositiveInt = 1                        # repeats of the grid (grid/random) or trials per arm (optuna)
     max_concurrent: PositiveInt | None = None           # cap on trials running at once (default: as many as fit)
-    metric: str = "val_acc"                             # what "best" means, for the searcher, ASHA and the report
-    mode: Literal["max", "min"] = "max"
+    metric: str | list[str] = "val_acc"                 # what "best" means; several: a Pareto front (the first ranks)
+    mode: Literal["max", "min"] | list[Literal["max", "min"]] = "max"  # one per metric
     seed: int = 0                                       # seeds random sampling / the Optuna samplers
     startup_trials: PositiveInt | None = None           # optuna: random trials per arm before TPE (default 10, <= half num_samples)
+    warm_start: str | None = None                       # optuna: an earlier sweep's results directory to learn from first
+
+    @property
+    def metrics(self) -> list[str]:
+        return [self.metric] if isinstance(self.metric, str) else list(self.metric)
+
+    @property
+    def modes(self) -> list[str]:
+        return [self.mode] if isinstance(self.mode, str) else list(self.mode)
 
     def tpe_startup_trials(self) -> int:
         """Random trials each arm's TPE starts with: the spec's, else Optuna's 10, at most half the arm's budget."""
@@ -247,10 +256,47 @@ class Search(Strict):
 
 
 class Scheduler(Strict):
-    name: Literal["fifo", "asha"] = "fifo"              # fifo runs every trial to the end; asha stops poor ones early
-    grace_period: PositiveInt = 1                       # asha: epochs before a trial can be stopped
-    reduction_factor: float = Field(3.0, gt=1)          # asha: keep the top 1/reduction_factor at each rung
-    max_t: PositiveInt | None = None                    # asha: last rung, epochs (default: train.epochs)
+    name: Literal["fifo", "asha", "hyperband", "median", "pbt"] = "fifo"  # fifo runs every trial to the end
+    grace_period: PositiveInt = 1                       # asha, hyperband, median: epochs before a trial can be stopped
+    reduction_factor: float = Field(3.0, gt=1)          # asha, hyperband: keep the top 1/reduction_factor at each rung
+    max_t: PositiveInt | None = None                    # asha, hyperband: last rung, epochs (default: train.epochs)
+    min_samples_required: PositiveInt = 3               # median: trials that reached an epoch before their median counts
+    perturbation_interval: PositiveInt = 2              # pbt: epochs between a trial's exploit/explore steps
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5)  # pbt: the bottom fraction of an arm copies its top fraction
+    resample_probability: float = Field(0.25, ge=0, le=1)  # pbt: chance a copied setting is drawn anew, not perturbed
+
+    def epoch_cap(self) -> int | None:
+        """The epoch at which the scheduler ends every trial, where it has one (its last rung)."""
+        return self.max_t if self.name in ("asha", "hyperband") else None
+
+    def plan(self, epochs: int) -> str:
+        """What the scheduler will do, in epochs: for `sweep validate`."""
+        max_t = self.max_t or epochs
+        if self.name == "asha":
+            rungs = [self.grace_period * self.reduction_factor ** k for k in range(64)
+                     if self.grace_period * self.reduction_factor ** k < max_t]
+            return (f"asha: a trial is judged at epochs {', '.join(f'{r:g}' for r in rungs)} and goes on only in the "
+                    f"top 1/{self.reduction_factor:g} of its rung; at most {max_t} epochs")
+        if self.name == "hyperband":  # sweeps.runner.AsyncHyperBand: Ray's bracket arithmetic (async_hyperband._Bracket)
+            count = int(math.log(max_t / self.grace_period) / math.log(self.reduction_factor) + 1e-9) + 1
+            judged = []
+            for s in range(count):
+                rungs = [self.grace_period * self.reduction_factor ** (k + s) for k in range(
+                    int(math.log(max_t / self.grace_period) / math.log(self.reduction_factor) - s + 1))]
+                rungs = [r for r in rungs if r < max_t]
+                judged.append(f"at epochs {', '.join(f'{r:g}' for r in rungs)}" if rungs else f"never (runs to {max_t})")
+            return (f"hyperband (asynchronous): {count} brackets, trials dealt to them in turn; bracket by bracket a "
+                    f"trial is judged {' / '.join(judged)}, going on only in the top 1/{self.reduction_factor:g} "
+                    f"of its rung")
+        if self.name == "median":
+            return (f"median: from epoch {self.grace_period}, a trial whose best so far is below the median of the "
+                    f"other trials' running averages at that epoch (once {self.min_samples_required} have reached it) "
+                    "stops")
+        if self.name == "pbt":
+            return (f"pbt: every {self.perturbation_interval} epochs, a trial in the bottom {self.quantile_fraction:.0%} of "
+                    f"its arm copies a top-{self.quantile_fraction:.0%} trial of the same arm (weights and settings), then "
+                    f"perturbs its searched settings (x0.8 or x1.2, or redrawn with p={self.resample_probability:g})")
+        return "fifo: every trial runs to the end"
 
 
 class Resources(Strict):
@@ -343,6 +389,7 @@ def _check_values(spec: Spec) -> None:
                     _validate_sections(apply_settings(base, {**fixed, path: candidate}),
                                        lambda p, msg: f"{where(path)}.{path}: {candidate!r}: {msg}")
     _check_search(spec, shared, arms)
+    _check_scheduler(spec, shared, arms)
     _check_devices(spec, base, shared, arms)
     _check_subsets(spec, shared, arms)
     _check_model_inputs(spec, base, shared, arms)
@@ -362,17 +409,32 @@ def _direction(metric: str) -> str | None:
 
 def _check_search(spec: Spec, shared: dict[str, Value], arms: dict[str, dict[str, Value]]) -> None:
     """The metric trials are compared by, seeds as replicates, and repeats that would be identical trials."""
-    metric, mode = spec.search.metric, spec.search.mode
-    if metric in FINAL_METRICS:
-        raise ValueError(f"search.metric: {metric} is reported once, after the last epoch, so neither the searcher "
-                         "nor ASHA could compare trials by it while they run (and tuning on the test split would "
-                         "leak it into the choice); use val_acc or val_loss")
-    if metric not in EPOCH_METRICS or metric == "epoch":
-        raise ValueError(f"search.metric: {metric!r} is not a metric every trial reports at every report; "
-                         f"choose one of {[m for m in EPOCH_METRICS if m != 'epoch']}")
-    if _direction(metric) and _direction(metric) != mode:
-        raise ValueError(f"search.mode: {metric} is better when {'higher' if mode == 'min' else 'lower'}; "
-                         f"use mode: {_direction(metric)}")
+    metrics, modes = spec.search.metrics, spec.search.modes
+    if len(metrics) != len(modes) or not metrics:
+        raise ValueError(f"search.mode: give one mode per metric: {len(metrics)} metric(s), {len(modes)} mode(s)")
+    if len(set(metrics)) != len(metrics):
+        raise ValueError(f"search.metric: a metric is listed twice in {metrics}")
+    for metric, mode in zip(metrics, modes):
+        if metric in FINAL_METRICS:
+            raise ValueError(f"search.metric: {metric} is reported once, after the last epoch, so neither the searcher "
+                             "nor ASHA could compare trials by it while they run (and tuning on the test split would "
+                             "leak it into the choice); use val_acc or val_loss")
+        if metric not in EPOCH_METRICS or metric == "epoch":
+            raise ValueError(f"search.metric: {metric!r} is not a metric every trial reports at every report; "
+                             f"choose one of {[m for m in EPOCH_METRICS if m != 'epoch']}")
+        if _direction(metric) and _direction(metric) != mode:
+            raise ValueError(f"search.mode: {metric} is better when {'higher' if mode == 'min' else 'lower'}; "
+                             f"use mode: {_direction(metric)}")
+    if len(metrics) > 1:
+        if spec.scheduler.name != "fifo":
+            raise ValueError(f"scheduler.name: {spec.scheduler.name} ranks trials by one metric, and search.metric "
+                             f"lists {len(metrics)} ({', '.join(metrics)}); with several use scheduler fifo")
+        if spec.protocol:
+            raise ValueError("search.metric: the protocol confirms each arm's best configuration, which takes one "
+                             f"metric; it lists {len(metrics)}")
+    if spec.search.warm_start and spec.search.algorithm != "optuna":
+        raise ValueError("search.warm_start: only the optuna searcher learns from earlier trials; "
+                         f"search.algorithm is {spec.search.algorithm}")
     places = [("space", shared)] + [(f"arms.{a}", s) for a, s in arms.items()]
     for where, values in places:
         seed = values.get("train.seed")
@@ -396,6 +458,29 @@ def _check_search(spec: Spec, shared: dict[str, Value], arms: dict[str, dict[str
                 raise ValueError(f"search.num_samples: {n} repeats of arm {arm} would be {n} identical trials (none of "
                                  "its settings is drawn at random); repeat it over seeds instead, with "
                                  "space: {seed: {grid: [0, 1, 2]}} and num_samples: 1")
+
+
+def _check_scheduler(spec: Spec, shared: dict[str, Value], arms: dict[str, dict[str, Value]]) -> None:
+    """What each scheduler needs of the trials: reports where it judges them, checkpoints where it pauses them."""
+    sched, train = spec.scheduler, spec.train
+    if sched.name != "pbt":
+        return
+    if spec.search.algorithm == "optuna":
+        raise ValueError("scheduler.name: pbt changes the settings of running trials, which a searcher could not "
+                         "follow; use it with search.algorithm grid or random")
+    if sched.perturbation_interval % train.checkpoint_every:
+        raise ValueError(f"scheduler.perturbation_interval: pbt copies checkpoints at each perturbation: it must be "
+                         f"a multiple of train.checkpoint_every ({train.checkpoint_every}), got "
+                         f"{sched.perturbation_interval}")
+    for arm, own in arms.items():
+        searched = [p for p, v in {**shared, **own}.items() if isinstance(v, Domain) and p != "train.seed"]
+        if not searched:
+            raise ValueError(f"arms.{arm}: pbt explores the settings an arm searches, and this one searches none; "
+                             "give it a domain, e.g. lr: {loguniform: [1.0e-4, 1.0e-1]}")
+        schedule = {**_fixed(shared), **_fixed(own)}.get("optim.schedule", spec.optim.schedule)
+        if "optim.lr" in searched and schedule != "none":
+            raise ValueError(f"arms.{arm}: pbt sets optim.lr itself as it explores; a schedule ({schedule}) would "
+                             "fight it: use optim.schedule none")
 
 
 def _check_devices(spec: Spec, base: dict, shared: dict[str, Value], arms: dict[str, dict[str, Value]]) -> None:

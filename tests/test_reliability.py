@@ -147,6 +147,38 @@ def test_sigkill_then_resume_gives_the_uninterrupted_results(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("scheduler, kill_after", [
+    ({"name": "median", "grace_period": 1, "min_samples_required": 2}, 5),  # the second good trial midway
+    ({"name": "hyperband", "reduction_factor": 2, "max_t": 4}, 5),  # good_1 midway; brackets dealt s0, s0, s1, s0
+])
+def test_a_resumed_sweep_keeps_its_schedulers_decisions(tmp_path, scheduler, kill_after):
+    # The median rule keys its history by Trial objects, new objects after a resume (sweeps.runner.relink);
+    # HyperBand's brackets must come back with their trials, dealt as before.
+    spec = write_spec(tmp_path, reliability_spec(
+        arms={"good": {"optimizer": "adam", "lr": 0.003, "seed": {"grid": [0, 1]}},
+              "hopeless": {"optimizer": "sgd", "lr": 1.0e-7, "seed": {"grid": [0, 1]}}},
+        scheduler=scheduler))
+    reference = start_sweep(tmp_path / "reference.log", "run", str(spec), "--storage", str(tmp_path / "reference"))
+    results = tmp_path / "killed" / "rel"
+    driver = start_sweep(tmp_path / "killed.log", "run", str(spec), "--storage", str(tmp_path / "killed"))
+    try:
+        wait_for(lambda: sum(map(len, trial_results(results).values())) >= kill_after)
+        time.sleep(0.3)  # let Tune finish copying its state for this epoch
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+        finish(reference, tmp_path / "reference.log")
+    finally:
+        kill_group(driver)
+        kill_group(reference)
+    for rows in trial_results(results).values():  # the orphaned worker trains on for a moment, then exits
+        wait_for(lambda: not running(rows[-1]["pid"]), timeout=120)
+    resumed = run_cli("resume", str(results), "--no-dashboard")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert comparable(results) == comparable(tmp_path / "reference" / "rel")  # same stops, same metrics
+    assert min(len(rows) for rows in trial_results(results).values()) < 4, "the scheduler stopped nothing"
+
+
+@pytest.mark.slow
 def test_a_killed_worker_is_retried_from_its_checkpoint_until_the_budget_is_spent(tmp_path):
     spec = write_spec(tmp_path, reliability_spec(
         train={"epochs": 5},

@@ -5,7 +5,7 @@ import io
 from pathlib import Path
 
 import pytest
-from results_fixtures import spec_for, synthetic_sweep, write_spec
+from results_fixtures import curve_rows, spec_for, synthetic_sweep, write_spec, write_trial
 
 from analysis import write_report
 from analysis.figures import FIGURES
@@ -45,16 +45,38 @@ def distinct_colours(png: bytes) -> int:
     return len(image.getcolors(maxcolors=350 * 250))
 
 
+ONLY_FOR = {"pareto": "several search metrics", "pbt": "a PBT sweep"}  # the figures the synthetic sweep lacks
+
+
 def test_report_renders_every_figure_without_errors(chromium, tmp_path):
     page = write_report(synthetic_sweep(tmp_path / "sweep", n_trials=30, epochs=12))
     errors, divs, png = open_page(chromium, page, tmp_path / "report.png")
 
     assert errors == []
-    assert sorted(d["id"] for d in divs) == sorted(f"figure-{name}" for name in FIGURES)
+    assert sorted(d["id"] for d in divs) == sorted(f"figure-{name}" for name in FIGURES if name not in ONLY_FOR)
     for div in divs:
         drawn = div["parcoords"] if div["id"] == "figure-parallel_coordinates" else div["traces"]
         assert div["data"] > 0 and drawn > 0, div
     assert distinct_colours(png) > 50  # a blank or error page has a handful of colours
+
+
+def test_a_pbt_sweep_with_two_objectives_draws_its_own_figures(chromium, tmp_path):
+    results = write_spec(tmp_path / "pbt", spec_for("pbt", epochs=4, arms={"a": {}},
+                                                    search={"algorithm": "random", "metric": ["val_acc", "ece"],
+                                                            "mode": ["max", "min"]},
+                                                    scheduler={"name": "pbt", "perturbation_interval": 2}))
+    for index, (final, lr) in enumerate([(0.9, 1e-3), (0.85, 1e-2), (0.8, 3e-3)]):
+        rows = curve_rows(final, 4, lr=lr)
+        for row in rows:
+            row["lr"] = lr
+        if index == 2:  # copied trial 0's epoch-2 checkpoint, then explored its lr
+            rows[2].update(copied_from="5f3a1_00000", copied_epoch=2, lr=1.2e-3)
+            rows[3]["lr"] = 1.2e-3
+        write_trial(results, index, {"arm": {"name": "a", "optim.lr": lr}}, rows, done=True)
+    errors, divs, _ = open_page(chromium, write_report(results), tmp_path / "pbt.png")
+    assert errors == []
+    drawn = {d["id"]: d["traces"] for d in divs}
+    assert drawn["figure-pareto"] > 0 and drawn["figure-pbt"] > 0
 
 
 def test_empty_sweep_page_has_no_errors(chromium, tmp_path):

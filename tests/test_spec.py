@@ -72,7 +72,7 @@ BAD = [  # (spec changes, text the one-line error must contain)
     ({"space": {"seed": {"grid": list(range(200))}, "batch_size": {"grid": list(range(1, 101))}}}, "expands to 20,000 trials"),
     ({"data__val_split": 1.5}, "data.val_split: must be a fraction"),
     ({"name": "has space"}, "name: String should match pattern"),
-    ({"scheduler": {"name": "hyperband"}}, "scheduler.name: Input should be 'fifo' or 'asha'"),
+    ({"scheduler": {"name": "bohb"}}, "scheduler.name: Input should be 'fifo', 'asha', 'hyperband', 'median' or 'pbt'"),
     ({"resources": {"gpu": -1}}, "resources.gpu: Input should be greater than or equal to 0"),
     ({"compare_by": ["nope"]}, "compare_by: unknown setting 'nope'"),
     ({"arms": {"a": {"normalize": "pixel"}}}, "arms.a.data.normalize: the dataset is loaded once"),

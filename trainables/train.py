@@ -183,11 +183,35 @@ def load_checkpoint(checkpoint: tune.Checkpoint | None, device: torch.device) ->
 
 def checkpoint_state(epoch: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule,
                      scaler: torch.amp.GradScaler, loader: Loader) -> dict[str, Any]:
-    """Everything a trial needs to continue exactly: weights, optimizer, schedule, fp16 loss scale, RNGs."""
+    """Everything a trial needs to continue exactly: weights, optimizer, schedule, fp16 loss scale, RNGs; and
+    which trial wrote it (PBT hands one trial's checkpoint to another)."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict() if schedule else None, "scaler": scaler.state_dict(),
             "loader_rng": loader.generator.get_state(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state() if loader.device.type == "cuda" else None, "epoch": epoch}
+            "cuda_rng": torch.cuda.get_rng_state() if loader.device.type == "cuda" else None, "epoch": epoch,
+            "trial_id": current_trial_id()}
+
+
+def current_trial_id() -> str | None:
+    """The Tune trial this process is running, or None outside a Tune trial."""
+    if not ray.is_initialized():
+        return None
+    try:
+        return tune.get_context().get_trial_id()
+    except RuntimeError:  # a Ray process that is not a trial
+        return None
+
+
+HYPERPARAMETERS = ("lr", "weight_decay", "momentum", "nesterov", "betas", "eps", "alpha")  # torch's param_group keys
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, optim_cfg: dict[str, Any]) -> None:
+    """Put this trial's own settings into the optimizer after loading a state: `load_state_dict` brings back
+    the saved param_groups' lr, weight decay, momentum, ... which after a PBT copy are another trial's."""
+    for group in optimizer.param_groups:
+        for key in HYPERPARAMETERS:
+            if key in group and key in optim_cfg:
+                group[key] = tuple(optim_cfg[key]) if key == "betas" else optim_cfg[key]
 
 
 def restore_state(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule,
@@ -267,10 +291,13 @@ def train_trial(config: dict[str, Any], *, base: dict[str, dict[str, Any]], data
     fit_loader = Loader(*train_sample(train_x, train_y, len(dataset.val_y), data["split_seed"]),
                         batch_size=data["eval_batch_size"], **common)
 
-    start_epoch = 1
+    start_epoch, copied = 1, {}
     state = load_checkpoint(tune.get_checkpoint(), device)
-    if state:  # a retried or resumed trial continues where its last checkpoint left it
+    if state:  # a retried or resumed trial continues where its last checkpoint left it; under PBT, another's
         start_epoch = restore_state(state, model, optimizer, schedule, scaler, train_loader)
+        apply_hyperparameters(optimizer, optim_cfg)
+        if state.get("trial_id") not in (None, current_trial_id()):
+            copied = {"copied_from": state["trial_id"], "copied_epoch": state["epoch"]}  # said with the next report
 
     epochs = train_cfg["epochs"]
     for epoch in range(start_epoch, epochs + 1):
@@ -302,7 +329,9 @@ def train_trial(config: dict[str, Any], *, base: dict[str, dict[str, Any]], data
             "epoch_time_s": epoch_time,
             "samples_per_s": seen / epoch_time,
             "diverged": diverged,
+            **copied,
         }
+        copied = {}
         if last:
             metrics["confusion_matrix"] = val["confusion"].tolist()
             metrics["classes"] = list(dataset.classes)

@@ -1,0 +1,217 @@
+"""Search and scheduling breadth: HyperBand, the median rule and PBT through the spec on real Ray sweeps (and across
+`sweep resume`), multi-objective Optuna with a Pareto front, warm starts, and each scheduler's plan."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import torch
+
+from conftest import run_cli, trial_results, write_spec
+from results_fixtures import curve_rows, spec_for, write_trial
+from results_fixtures import write_spec as write_results_spec
+from sweeps.space import PerArmOptuna, warm_start_trials
+from sweeps.spec import SpecError, validate_spec
+from test_search import LR, OPTIMUM, decades_from_optimum, drive, objective, optuna_spec
+from trainables.models import create_model
+from trainables.optim import create_optimizer
+from trainables.train import apply_hyperparameters
+
+
+# --- the spec: what each scheduler needs, and its plan ------------------------------------------------------
+
+BASE = {"name": "s", "arms": {"a": {"lr": LR}}, "search": {"algorithm": "random", "num_samples": 4}}
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"scheduler": {"name": "pbt"}, "search": {"algorithm": "optuna", "num_samples": 4}},
+     "scheduler.name: pbt changes the settings of running trials"),
+    ({"scheduler": {"name": "pbt", "perturbation_interval": 3}, "train": {"checkpoint_every": 2, "report_every": 2}},
+     "scheduler.perturbation_interval: pbt copies checkpoints at each perturbation: it must be a multiple of "
+     "train.checkpoint_every (2), got 3"),
+    ({"scheduler": {"name": "pbt"}, "search": {"algorithm": "grid"},
+      "arms": {"a": {"lr": {"grid": [0.1, 0.01]}}, "b": {"optimizer": "adam"}}},
+     "arms.b: pbt explores the settings an arm searches, and this one searches none"),
+    ({"scheduler": {"name": "pbt"}, "optim": {"schedule": "cosine"}}, "arms.a: pbt sets optim.lr itself"),
+    ({"search": {"algorithm": "optuna", "num_samples": 4, "metric": ["val_acc", "ece"], "mode": ["max", "min"]},
+      "scheduler": {"name": "asha"}}, "scheduler.name: asha ranks trials by one metric, and search.metric lists 2"),
+    ({"search": {"algorithm": "optuna", "num_samples": 4, "metric": ["val_acc", "ece"], "mode": "max"}},
+     "search.mode: give one mode per metric: 2 metric(s), 1 mode(s)"),
+    ({"search": {"algorithm": "optuna", "num_samples": 4, "metric": ["val_acc", "ece"], "mode": ["max", "max"]}},
+     "search.mode: ece is better when lower; use mode: min"),
+    ({"search": {"algorithm": "random", "num_samples": 4, "warm_start": "/somewhere"}},
+     "search.warm_start: only the optuna searcher learns from earlier trials"),
+])
+def test_a_scheduler_the_trials_cannot_serve_is_refused(changes, message):
+    with pytest.raises(SpecError) as err:
+        validate_spec({**BASE, **changes}, "spec.yaml")
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_validate_shows_each_schedulers_plan():
+    plans = {}
+    for name in ("asha", "hyperband", "median", "pbt"):
+        done = run_cli("validate", "quickstart", "--set", f"scheduler.name={name}", "--set", "train.epochs=9",
+                       "--set", "scheduler.max_t=9")
+        assert done.returncode == 0, done.stderr
+        plans[name] = next(line for line in done.stdout.splitlines() if line.startswith("  scheduler"))
+    assert "judged at epochs 1, 3 and goes on only in the top 1/3 of its rung; at most 9 epochs" in plans["asha"]
+    assert "hyperband (asynchronous): 3 brackets, trials dealt to them in turn; bracket by bracket a trial is judged " \
+        "at epochs 1, 3 / at epochs 3 / never (runs to 9)" in plans["hyperband"]
+    assert "median: from epoch 1" in plans["median"] and "once 3 have reached it" in plans["median"]
+    assert "pbt: every 2 epochs, a trial in the bottom 25% of its arm copies" in plans["pbt"]
+
+
+# --- PBT: the copied trial trains with its new settings ------------------------------------------------------
+
+def test_a_loaded_optimizer_takes_this_trials_settings_not_the_saved_ones():
+    # After a PBT copy the optimizer state is another trial's: load_state_dict would bring back its lr.
+    model = create_model("mlp", in_channels=1, num_classes=10, image_size=8, hidden_sizes=[4])
+    saved = create_optimizer(model.parameters(), optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4)
+    model(torch.randn(2, 1, 8, 8)).sum().backward()
+    saved.step()
+    mine = {"optimizer": "sgd", "lr": 0.37, "momentum": 0.5, "weight_decay": 3e-3}
+    loaded = create_optimizer(model.parameters(), **mine)
+    loaded.load_state_dict(saved.state_dict())
+    assert loaded.param_groups[0]["lr"] == 0.1  # what torch does
+    apply_hyperparameters(loaded, mine)
+    group = loaded.param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.37, 0.5, 3e-3)
+    assert loaded.state_dict()["state"], "the momentum buffers came along"
+
+
+@pytest.mark.slow
+def test_pbt_copies_within_an_arm_and_the_copy_trains_with_its_explored_lr(tmp_path, tiny_spec):
+    tiny_spec.update(train={"epochs": 6},
+                     arms={"sgd": {"optimizer": "sgd", "lr": {"loguniform": [1.0e-4, 1.0]}},
+                           "adam": {"optimizer": "adam", "lr": {"loguniform": [1.0e-5, 1.0e-1]}}},
+                     search={"algorithm": "random", "num_samples": 4},
+                     scheduler={"name": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5})
+    done = run_cli("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path), "--no-dashboard")
+    assert done.returncode == 0, done.stderr[-3000:]
+    root = tmp_path / "tiny"
+    named = trial_results(root)  # directories are named {arm}_{trial id}
+    rows = {name.split("_", 1)[1]: r for name, r in named.items()}
+    arm_of = {name.split("_", 1)[1]: name.split("_", 1)[0] for name in named}
+    copies = pd.read_csv(root / "report" / "pbt.csv")
+    assert len(copies) >= 2, "PBT should have copied in 6 epochs with half of each arm at the bottom"
+    # Ray's own log of each exploit: (the copied trial's settings, the explored settings the copy goes on with).
+    logged = [json.loads(line) for line in (root / "pbt_global.txt").read_text().splitlines()]
+    explored = [entry[5]["arm"]["optim.lr"] for entry in logged]
+    bounds = {1.0e-4, 1.0, 1.0e-5, 1.0e-1}
+    for copy in copies.itertuples():
+        assert arm_of[copy.copied_from] == arm_of[copy.trial_id] == copy.arm  # never across arms
+        source = {r["epoch"]: r for r in rows[copy.copied_from]}
+        assert copy.epoch == copy.copied_epoch + 1 and copy.copied_epoch in source  # it goes on from that epoch
+        # It trains with the lr PBT explored, not the source's lr that came back with the optimizer's state.
+        assert any(copy.lr_after == pytest.approx(lr) for lr in explored), (copy, explored)
+        assert copy.lr_after != pytest.approx(source[copy.copied_epoch]["lr"]) or copy.lr_after in bounds
+    page = (root / "report" / "report.html").read_text()
+    assert 'id="figure-pbt"' in page
+
+
+# --- several objectives ----------------------------------------------------------------------------------------
+
+def test_several_objectives_make_each_arm_a_multi_objective_study():
+    spec = optuna_spec(["good_a", "bad"], num_samples=12, metric=["val_acc", "ece"], mode=["max", "min"])
+    searcher = PerArmOptuna(spec)
+    for i in range(24):
+        config = searcher.suggest(f"t{i}")
+        arm, lr = config["arm"]["name"], config["arm"]["optim.lr"]
+        result = {"val_acc": objective(arm, lr), "ece": abs(math.log10(lr) + 2.5) / 10, "epoch": 3}
+        searcher.on_trial_result(f"t{i}", result)  # no intermediate values: Optuna cannot prune several objectives
+        searcher.on_trial_complete(f"t{i}", result)
+    for study in searcher.studies.values():
+        assert len(study.directions) == 2 and len(study.trials) == 12
+        assert all(len(t.values) == 2 and not t.intermediate_values for t in study.trials)
+        assert 1 <= len(study.best_trials) < 12  # a Pareto front, not one best
+
+
+@pytest.mark.slow
+def test_a_multi_objective_sweep_reports_its_pareto_front(tmp_path, tiny_spec):
+    tiny_spec.update(train={"epochs": 1},
+                     arms={"sgd": {"optimizer": "sgd", "lr": {"loguniform": [1.0e-3, 1.0]}},
+                           "adam": {"optimizer": "adam", "lr": {"loguniform": [1.0e-5, 1.0e-1]}}},
+                     search={"algorithm": "optuna", "num_samples": 3, "metric": ["val_acc", "ece"],
+                             "mode": ["max", "min"]})
+    done = run_cli("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path), "--no-dashboard")
+    assert done.returncode == 0, done.stderr[-3000:]
+    pareto = pd.read_csv(tmp_path / "tiny" / "report" / "pareto.csv")
+    assert len(pareto) == 6
+    points = pareto[["final_val_acc", "final_ece"]].to_numpy() * [1, -1]  # both "higher is better"
+    for i, point in enumerate(points):
+        dominated = ((points >= point).all(axis=1) & (points > point).any(axis=1)).any()
+        assert pareto["on_front"].iloc[i] == (not dominated)
+    assert 'id="figure-pareto"' in (tmp_path / "tiny" / "report" / "report.html").read_text()
+
+
+# --- warm start ------------------------------------------------------------------------------------------------
+
+def _earlier_sweep(path: Path, arms: dict, lrs: list[float], **search) -> Path:
+    """A finished optuna sweep on the synthetic objective: one trial per lr for each arm."""
+    write_results_spec(path, {**spec_for("earlier", epochs=3, arms=arms),
+                              "search": {"algorithm": "optuna", "num_samples": len(lrs), "metric": "val_acc",
+                                         "mode": "max", **search}})
+    index = 0
+    for arm in arms:
+        for lr in lrs:
+            rows = curve_rows(objective(arm, lr), 3)
+            write_trial(path, index, {"arm": {"name": arm, "optim.optimizer": "sgd", "optim.lr": lr}}, rows, done=True)
+            index += 1
+    return path
+
+
+def test_a_warm_started_arm_searches_near_what_the_earlier_sweep_found(tmp_path):
+    lrs = list(10 ** np.random.default_rng(0).uniform(-5, -1, 20))
+    earlier = _earlier_sweep(tmp_path / "earlier", {"bad": {"optimizer": "sgd", "lr": LR}}, lrs)
+    spec = optuna_spec(["bad"], num_samples=10, warm_start=str(earlier))
+    warm = warm_start_trials(spec)
+    assert len(warm["bad"]) == 20 and all(t.state == optuna.trial.TrialState.COMPLETE for t in warm["bad"])
+    assert warm["bad"][0].params["optim.lr"] == pytest.approx(lrs[0])
+    cold = drive(PerArmOptuna(optuna_spec(["bad"], num_samples=10)), 10)["bad"]
+    warmed = drive(PerArmOptuna(spec, warm), 10)["bad"]
+    # Cold, the first 10 trials are TPE's random start-up (a median ~1 decade from the optimum); warm, TPE has 20
+    # trials to model from the first suggestion on.
+    assert decades_from_optimum("bad", warmed) < 0.5 < decades_from_optimum("bad", cold)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"arms": {"bad": {"optimizer": "sgd", "lr": LR}, "new": {"optimizer": "sgd", "lr": LR}}},
+     "arm new is not in that sweep (it has bad)"),
+    ({"arms": {"bad": {"optimizer": "sgd", "lr": {"loguniform": [1.0e-4, 1.0e-1]}}}},
+     "arms.bad.optim.lr is loguniform[1e-05, 0.1] there and loguniform[0.0001, 0.1] here"),
+    ({"arms": {"bad": {"optimizer": "adam", "lr": LR}}}, "arms.bad.optim.optimizer is 'sgd' there and 'adam' here"),
+    ({"search": {"algorithm": "optuna", "num_samples": 2, "metric": "val_loss", "mode": "min"}},
+     "it searched on ['val_acc'], this sweep on ['val_loss']"),
+])
+def test_a_warm_start_from_a_different_sweep_names_what_differs(tmp_path, changes, message):
+    earlier = _earlier_sweep(tmp_path / "earlier", {"bad": {"optimizer": "sgd", "lr": LR}}, [1e-3, 1e-2])
+    raw = {"name": "s", "arms": {"bad": {"optimizer": "sgd", "lr": LR}}, **changes}
+    raw["search"] = {"algorithm": "optuna", "num_samples": 2, **raw.get("search", {}), "warm_start": str(earlier)}
+    with pytest.raises(SpecError, match="search.warm_start") as err:
+        warm_start_trials(validate_spec(raw, "spec.yaml"))
+    assert message in str(err.value)
+
+
+@pytest.mark.slow
+def test_a_follow_up_sweep_starts_from_the_first_ones_trials(tmp_path, tiny_spec):
+    tiny_spec.update(train={"epochs": 1},
+                     arms={"sgd": {"optimizer": "sgd", "lr": {"loguniform": [0.01, 0.5]}}},
+                     search={"algorithm": "optuna", "num_samples": 3})
+    first = run_cli("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path), "--no-dashboard")
+    assert first.returncode == 0, first.stderr[-3000:]
+    tiny_spec["search"]["warm_start"] = str(tmp_path / "tiny")
+    second = run_cli("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path), "--name", "again",
+                     "--no-dashboard")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"warm start from {tmp_path / 'tiny'}: sgd 3 earlier trials" in second.stderr
+    missing = run_cli("run", str(write_spec(tmp_path, {**tiny_spec, "search": {
+        **tiny_spec["search"], "warm_start": str(tmp_path / "nowhere")}})), "--storage", str(tmp_path), "--name", "x")
+    assert missing.returncode == 2 and f"search.warm_start {tmp_path / 'nowhere'}: " in missing.stderr
+    assert not (tmp_path / "x").exists()
