@@ -47,6 +47,24 @@ def finish(process: subprocess.Popen, log: Path) -> None:
     assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
 
 
+def kill_beside_a_reference(tmp_path: Path, spec: Path, when) -> Path:
+    """Run `spec` twice side by side (each trial uses one CPU): `reference` to the end, and `killed`, whose driver
+    gets SIGKILL once `when(trial rows)` holds. Returns the killed sweep's results directory."""
+    reference = start_sweep(tmp_path / "reference.log", "run", str(spec), "--storage", str(tmp_path / "reference"))
+    results = tmp_path / "killed" / "rel"
+    driver = start_sweep(tmp_path / "killed.log", "run", str(spec), "--storage", str(tmp_path / "killed"))
+    try:
+        wait_for(lambda: when(trial_results(results)))
+        time.sleep(0.3)  # let Tune finish copying its state for this epoch; the next one is ~1 s away
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+        finish(reference, tmp_path / "reference.log")
+    finally:
+        kill_group(driver)
+        kill_group(reference)
+    return results
+
+
 def rows_of(results_dir: Path, prefix: str) -> list[dict]:
     """The result rows on disk of the first trial whose directory starts with `prefix` (none yet: [])."""
     return next((rows for name, rows in trial_results(results_dir).items() if name.startswith(prefix)), [])
@@ -90,19 +108,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_results(tmp_path):
         arms={"good": {"optimizer": "adam", "lr": 0.003, "seed": {"grid": [0, 1]}},
               "hopeless": {"optimizer": "sgd", "lr": 1.0e-7, "seed": {"grid": [0, 1]}}},
         scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2}))
-    # The uninterrupted run and the one to kill run side by side: each trial uses one CPU.
-    reference = start_sweep(tmp_path / "reference.log", "run", str(spec), "--storage", str(tmp_path / "reference"))
-    results = tmp_path / "killed" / "rel"
-    driver = start_sweep(tmp_path / "killed.log", "run", str(spec), "--storage", str(tmp_path / "killed"))
-    try:  # kill when good_0 has finished and good_1 is midway (the hopeless trials have not started)
-        wait_for(lambda: sorted(map(len, trial_results(results).values())) in ([2, 4], [3, 4]))
-        time.sleep(0.3)  # let Tune finish copying its state for this epoch; the next one is ~1 s away
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait()
-        finish(reference, tmp_path / "reference.log")
-    finally:
-        kill_group(driver)
-        kill_group(reference)
+    # kill when good_0 has finished and good_1 is midway (the hopeless trials have not started)
+    results = kill_beside_a_reference(tmp_path, spec, lambda trials: sorted(map(len, trials.values())) in ([2, 4], [3, 4]))
     at_kill = {name: (results / name / "result.json").read_bytes() for name in trial_results(results)}
     finished, unfinished = sorted(at_kill, key=lambda name: -len(trial_results(results)[name]))
     epochs_at_kill = len(trial_results(results)[unfinished])
@@ -158,18 +165,7 @@ def test_a_resumed_sweep_keeps_its_schedulers_decisions(tmp_path, scheduler, kil
         arms={"good": {"optimizer": "adam", "lr": 0.003, "seed": {"grid": [0, 1]}},
               "hopeless": {"optimizer": "sgd", "lr": 1.0e-7, "seed": {"grid": [0, 1]}}},
         scheduler=scheduler))
-    reference = start_sweep(tmp_path / "reference.log", "run", str(spec), "--storage", str(tmp_path / "reference"))
-    results = tmp_path / "killed" / "rel"
-    driver = start_sweep(tmp_path / "killed.log", "run", str(spec), "--storage", str(tmp_path / "killed"))
-    try:
-        wait_for(lambda: sum(map(len, trial_results(results).values())) >= kill_after)
-        time.sleep(0.3)  # let Tune finish copying its state for this epoch
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait()
-        finish(reference, tmp_path / "reference.log")
-    finally:
-        kill_group(driver)
-        kill_group(reference)
+    results = kill_beside_a_reference(tmp_path, spec, lambda trials: sum(map(len, trials.values())) >= kill_after)
     for rows in trial_results(results).values():  # the orphaned worker trains on for a moment, then exits
         wait_for(lambda: not running(rows[-1]["pid"]), timeout=120)
     resumed = run_cli("resume", str(results), "--no-dashboard")
