@@ -12,7 +12,11 @@ from sweeps.spec import SpecError, SweepFailed, bundled_specs, count_trials, loa
 
 def cmd_list(args: argparse.Namespace) -> None:
     for name, path in sorted(bundled_specs().items()):
-        spec, _ = load_spec(str(path))
+        try:
+            spec, _ = load_spec(str(path))
+        except SpecError as err:  # e.g. a model whose library does not import on this machine: say so, go on
+            print(f"{name:36s}     - trials  cannot run here: {str(err).split(': ', 1)[-1]}")
+            continue
         summary = spec.description.strip().splitlines()[0] if spec.description.strip() else ""
         print(f"{name:36s} {sum(count_trials(spec).values()):5d} trials  {summary}")
 
@@ -92,10 +96,21 @@ def cmd_resume(args: argparse.Namespace) -> None:
 
 def cmd_report(args: argparse.Namespace) -> None:
     from analysis import write_report
-    if args.out:
-        from sweeps.runner import check_writable
-        check_writable(args.out, "--out")
-    print(write_report(args.results_dir, args.out, target=args.target))
+    from sweeps.runner import check_writable
+    results_dir = args.results_dir
+    if "://" in results_dir:  # object storage: the results come here first (without checkpoints)
+        from sweeps.runner import download_results, read_spec
+        local = Path(args.out or read_spec(results_dir).name).resolve()
+        if local.exists():
+            raise SpecError(f"--out {local}: already exists; the results of {results_dir} are downloaded into a new "
+                            "directory (choose another with --out)")
+        check_writable(str(local), "--out")
+        results_dir, out = str(download_results(results_dir, local)), None
+    else:
+        out = args.out
+        if out:
+            check_writable(out, "--out")
+    print(write_report(results_dir, out, target=args.target))
 
 
 def cmd_dashboard(args: argparse.Namespace) -> None:
@@ -130,7 +145,7 @@ def _positive(text: str) -> float:
 def _report(results_dir: str) -> None:
     """Write the report, then print its comparison: the console and comparison.md name the same winners."""
     if "://" in results_dir:
-        print(f"results in {results_dir}; copy them locally and run `sweep report DIR` for the report")
+        print(f"results in {results_dir}; `sweep report {results_dir}` downloads them and writes the report")
         return
     from analysis import console_summary, write_report
     page = write_report(results_dir)
@@ -200,7 +215,8 @@ def parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("report", help="write tables and report.html for a results directory (also while running)")
     q.add_argument("results_dir")
-    q.add_argument("--out", help="output directory (default: RESULTS_DIR/report)")
+    q.add_argument("--out", help="output directory (default: RESULTS_DIR/report; for s3://... results, where they "
+                                 "are downloaded to, default ./NAME, with the report in its report/)")
     q.add_argument("--target", type=float, help="validation score to time each arm to (default: the best score "
                                                 "more than half of every arm's seeds reach)")
     q.set_defaults(func=cmd_report)

@@ -431,12 +431,50 @@ def prepare_data(spec: Spec) -> Dataset:
 def new_results_dir(storage: str, name: str) -> str:
     """`<storage>/<name>`, refused (SpecError) if it already exists or the storage is not writable."""
     results_dir = f"{storage.rstrip('/')}/{name}"
+    if "://" in storage:
+        check_object_store(storage)
     if exists(results_dir):
         raise SpecError(f"{results_dir}: already exists; continue it with `sweep resume {results_dir}` "
                         "or start over under another --name")
     if "://" not in storage:
         check_writable(storage)
     return results_dir
+
+
+def check_object_store(uri: str, flag: str = "--storage") -> None:
+    """Exit 2 before anything starts when object storage cannot take the results: the bucket does not exist, or
+    the credentials (AWS_* variables, ~/.aws, an instance role) are refused. Writes a probe object, then deletes it."""
+    fs, path = _fs(uri)
+    bucket = path.split("/", 1)[0]
+    try:
+        if fs.get_file_info(bucket).type == pyarrow.fs.FileType.NotFound:
+            raise SpecError(f"{flag} {uri}: bucket {bucket} does not exist; create it first")
+        probe = f"{path.rstrip('/')}/.sweep-probe-{os.getpid()}"
+        with fs.open_output_stream(probe) as out:
+            out.write(b"")
+        fs.delete_file(probe)
+    except OSError as err:  # pyarrow's S3 errors: AccessDenied, InvalidAccessKeyId, SignatureDoesNotMatch, ...
+        raise SpecError(f"{flag} {uri}: the object store refused it ({str(err).strip().splitlines()[0]}); "
+                        "check the credentials (AWS_ACCESS_KEY_ID, ...) and the bucket's permissions") from None
+
+
+def download_results(uri: str, local: Path) -> Path:
+    """Copy a results directory from object storage to `local` (a new directory), leaving out the checkpoints:
+    the report reads only the spec and each trial's params.json and result.json."""
+    fs, path = _fs(uri)
+    try:
+        found = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
+    except OSError as err:
+        raise SpecError(f"{uri}: cannot read ({str(err).strip().splitlines()[0]})") from None
+    files = [f for f in found if f.type == pyarrow.fs.FileType.File
+             and not any(part.startswith("checkpoint_") for part in f.path[len(path):].split("/"))]
+    say(f"downloading {len(files)} files of {uri} (checkpoints left in place) to {local}")
+    for info in files:
+        target = local / info.path[len(path):].lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(info.path) as source:
+            target.write_bytes(source.read())
+    return local
 
 
 def run_sweep(spec: Spec, *, storage: str | None = None, address: str | None = None,
@@ -471,6 +509,8 @@ def resume_sweep(results_dir: str, *, address: str | None = None, dashboard: boo
     continue from their last checkpoint (errored ones get one more try), the rest start.
     Raises SpecError before starting anything."""
     results_dir = storage_uri(results_dir)
+    if "://" in results_dir:
+        check_object_store(results_dir, "resume")
     spec = read_spec(results_dir)
     if not work_left(results_dir, spec):
         say(f"{results_dir}: every trial has finished; nothing to resume")

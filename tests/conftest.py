@@ -73,3 +73,44 @@ def chromium():
     yield driver
     driver.quit()
     shutil.rmtree(profile, ignore_errors=True)
+
+
+def start_moto(folder: Path, **env) -> tuple[subprocess.Popen, str]:
+    """A real S3 HTTP API (moto's server) on a free port, listening on every interface so that containers reach
+    it too; returns (process, endpoint URL on this machine)."""
+    import urllib.request
+
+    port = free_port()
+    log = open(folder / f"moto-{port}.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "0.0.0.0", "-p", str(port)], stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **env})
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+            return process, endpoint
+        except OSError:
+            import time
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"moto did not start; see {log.name}")
+
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server with the bucket `sweeps`; yields the environment that points clients at it."""
+    import boto3
+
+    process, endpoint = start_moto(tmp_path_factory.mktemp("moto"))
+    env = {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}
+    boto3.client("s3", endpoint_url=endpoint, **{k.lower(): v for k, v in S3_CREDENTIALS.items()
+                                                 if k != "AWS_DEFAULT_REGION"},
+                 region_name="us-east-1").create_bucket(Bucket="sweeps")
+    try:
+        yield env
+    finally:
+        process.kill()
+        process.wait()

@@ -1,0 +1,87 @@
+"""Results in object storage (S3, served here by moto's real HTTP API): bad buckets and refused credentials are
+caught before anything starts, a sweep writes its results and checkpoints there, `sweep report s3://...` works
+from this machine, and `sweep resume s3://...` finishes a sweep whose driver was killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.fs
+import pytest
+
+from conftest import REPO, S3_CREDENTIALS, run_cli, start_moto, write_spec
+
+
+def listing(env: dict, prefix: str) -> list[str]:
+    """Every object under s3://prefix, as paths."""
+    fs = pyarrow.fs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key="testing",
+                                 secret_key="testing", region="us-east-1")
+    return sorted(i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(prefix, recursive=True, allow_not_found=True))
+                  if i.type == pyarrow.fs.FileType.File)
+
+
+def test_a_bucket_that_does_not_exist_is_refused_before_anything_starts(tmp_path, tiny_spec, s3):
+    done = run_cli("run", str(write_spec(tmp_path, tiny_spec)), "--storage", "s3://nowhere/sweeps", env=s3)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "sweep: error: --storage s3://nowhere/sweeps: bucket nowhere does not exist; create it first"]
+    assert listing(s3, "sweeps") == []
+
+
+def test_refused_credentials_are_said_before_anything_starts(tmp_path, tiny_spec):
+    # moto checks credentials when asked to (INITIAL_NO_AUTH_ACTION_COUNT=0): these keys belong to nobody.
+    process, endpoint = start_moto(tmp_path, INITIAL_NO_AUTH_ACTION_COUNT="0")
+    try:
+        done = run_cli("run", str(write_spec(tmp_path, tiny_spec)), "--storage", "s3://sweeps/x",
+                       env={**S3_CREDENTIALS, "AWS_ENDPOINT_URL": endpoint})
+    finally:
+        process.kill()
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert "--storage s3://sweeps/x: the object store refused it (" in done.stderr
+    assert "check the credentials" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_sweep_on_s3_is_reported_and_resumed_from_this_machine(tmp_path, s3):
+    # About a second per epoch, one trial at a time: slow enough to kill the driver between two epochs.
+    spec = write_spec(tmp_path, {"name": "remote", "data": {"name": "mnist5k", "batch_size": 50},
+                                 "model": {"name": "mlp", "hidden_sizes": [1024, 1024]}, "train": {"epochs": 3},
+                                 "arms": {"sgd": {"optimizer": "sgd", "lr": 0.05}, "adam": {"optimizer": "adam", "lr": 0.001}},
+                                 "search": {"max_concurrent": 1}})
+    with open(tmp_path / "run.log", "w") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(spec), "--storage", "s3://sweeps/runs",
+                                   "--no-dashboard"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True, env={**os.environ, **s3})
+    try:  # kill once the first trial has checkpointed an epoch in the bucket
+        deadline = time.monotonic() + 300
+        while not any("checkpoint_000001" in p for p in listing(s3, "sweeps/runs/remote")):
+            assert time.monotonic() < deadline and driver.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+            time.sleep(0.2)
+        time.sleep(0.5)
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    stored = listing(s3, "sweeps/runs/remote")
+    assert "sweeps/runs/remote/spec.yaml" in stored and any(p.endswith("state.pt") for p in stored)
+    time.sleep(5)  # the orphaned worker notices its raylet is gone and exits
+
+    resumed = run_cli("resume", "s3://sweeps/runs/remote", "--no-dashboard", env=s3)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    out = tmp_path / "here"
+    report = run_cli("report", "s3://sweeps/runs/remote", "--out", str(out), env=s3)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert (out / "report" / "report.html").is_file() and not list(out.rglob("checkpoint_*"))
+    rows = {d.name.split("_")[0]: [json.loads(line) for line in (d / "result.json").read_text().splitlines()]
+            for d in out.iterdir() if (d / "result.json").exists()}
+    for arm, trial_rows in rows.items():  # every trial finished, the interrupted one from its checkpoint
+        assert sorted({r["epoch"] for r in trial_rows}) == [1, 2, 3], arm
+    again = run_cli("report", "s3://sweeps/runs/remote", "--out", str(out), env=s3)
+    assert again.returncode == 2 and "already exists" in again.stderr
