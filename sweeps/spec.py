@@ -541,8 +541,11 @@ def _check_model_inputs(spec: Spec, base: dict, shared: dict[str, Value], arms: 
         for path, candidate in [(None, None), *((p, c) for p, values in shaped.items() for c in values[1:])]:
             s = apply_settings(base, {**first, **({path: candidate} if path else {})})
             size = s["data"]["resize"] or source.shape[1]
-            problem = model_input_problem(source.shape[0], size, source.num_classes,
-                                          json.dumps(s["model"], sort_keys=True))
+            try:
+                problem = model_input_problem(source.shape[0], size, source.num_classes,
+                                              json.dumps(s["model"], sort_keys=True))
+            except ImportError as err:  # the model cannot be built here at all
+                raise ValueError(f"model.name: {err}") from None
             if problem:  # name the field that made the mismatch: the arm's own setting before the shared one
                 field = path or next((k for k in ("model.name", "data.resize", *own) if k in own and
                                       (k.startswith("model.") or k == "data.resize")), None) \

@@ -55,7 +55,11 @@ def alexnet(*, in_channels: int, num_classes: int, dropout: float, **_ignored) -
 
     Built for 224x224; the smallest input it accepts is 63x63 (62x62 pools down to nothing).
     """
-    import torchvision  # here: every `sweep` command imports this module, and torchvision takes ~1 s to import
+    try:  # here: every `sweep` command imports this module, and torchvision takes ~1 s to import
+        import torchvision
+    except (ImportError, RuntimeError) as err:  # e.g. a torchvision built for another torch ("torchvision::nms")
+        raise ImportError(f"alexnet is torchvision's model, and torchvision does not import here "
+                          f"({str(err).strip().splitlines()[-1]})") from None
 
     net = torchvision.models.alexnet(weights=None, num_classes=num_classes, dropout=dropout)
     net.features[0] = nn.Conv2d(in_channels, 64, kernel_size=11, stride=4, padding=2)
