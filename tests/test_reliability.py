@@ -4,6 +4,7 @@ mid-training and retried from its checkpoint, a diverging arm, a corrupted check
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -224,6 +225,38 @@ def test_a_diverging_arm_stops_cleanly_and_the_report_says_so(tmp_path, tiny_spe
     assert not trials.loc["sane", "diverged"] and trials.loc["sane", "status"] == "completed"
     comparison = pd.read_csv(tmp_path / "tiny" / "report" / "comparison.csv").set_index("arm")
     assert comparison.loc["absurd", "n_diverged"] == 1 and comparison.loc["sane", "n_diverged"] == 0
+
+
+@pytest.mark.slow
+def test_a_resume_whose_recorded_checkpoint_was_superseded_goes_on_from_the_newer_one(tmp_path):
+    # On object storage Tune's saved state can lag behind the checkpoints: it names one that checkpoint_keep
+    # has since deleted, and a newer one exists (tests/test_containers.py meets it for real). Made here by hand.
+    spec = write_spec(tmp_path, reliability_spec(arms={"only": {"optimizer": "sgd", "lr": 0.05}}))
+    results = tmp_path / "rel"
+    driver = start_sweep(tmp_path / "run.log", "run", str(spec), "--storage", str(tmp_path))
+    try:
+        rows = wait_for(lambda: reached(results, "only", 2))
+        time.sleep(0.3)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        kill_group(driver)
+    wait_for(lambda: not running(rows[-1]["pid"]), timeout=120)
+    trial = next(results.glob("only_*"))
+    recorded = tune.ExperimentAnalysis(str(results)).trials[0].checkpoint.path
+    newer = sorted(p.name for p in trial.glob("checkpoint_*") if p.name > Path(recorded).name)
+    if newer:  # the orphaned worker wrote one nobody registered
+        shutil.rmtree(recorded)
+    else:
+        newer = [f"checkpoint_{int(Path(recorded).name.split('_')[1]) + 1:06d}"]
+        Path(recorded).rename(trial / newer[0])
+
+    resumed = run_cli("resume", str(results), "--no-dashboard")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{Path(recorded).name} was superseded by {newer[-1]}; resuming from that" in resumed.stderr
+    rows = trial_results(results)[trial.name]
+    restart = next(r for r in rows[1:] if r["iterations_since_restore"] == 1)
+    assert restart["epoch"] > 1 and rows[-1]["epoch"] == 4, [(r["epoch"], r["iterations_since_restore"]) for r in rows]
 
 
 def test_a_checkpoint_without_its_file_trains_from_epoch_1(tmp_path):
