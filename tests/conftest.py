@@ -82,6 +82,8 @@ def start_moto(folder: Path, **env) -> tuple[subprocess.Popen, str]:
 
     port = free_port()
     log = open(folder / f"moto-{port}.log", "w")
+    # Moto takes a host name it does not know for a bucket (virtual-host style); containers call this host so.
+    env = {"MOTO_S3_CUSTOM_ENDPOINTS": f"http://host.containers.internal:{port}", **env}
     process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "0.0.0.0", "-p", str(port)], stdout=log,
                                stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **env})
     endpoint = f"http://127.0.0.1:{port}"

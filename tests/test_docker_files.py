@@ -59,10 +59,12 @@ def test_dockerfile_passes_hadolint():
 
 
 def test_dockerfile_picks_the_torch_build_with_a_build_arg():
-    assert build_args()["TORCH_INDEX"] == "https://download.pytorch.org/whl/cpu"
+    # The default is PyTorch's CPU index; a user's build with no arguments must stay what it was.
+    assert build_args()["TORCH_SOURCE"] == '"--index-url https://download.pytorch.org/whl/cpu"'
+    assert build_args()["BASE"] == "python:3.11-slim" and dockerfile_args("FROM") == ["${BASE}"]
     torch_installs = [run for run in dockerfile_args("RUN") if "torch==" in run]
     assert len(torch_installs) == 1
-    assert '--index-url "$TORCH_INDEX"' in torch_installs[0]
+    assert 'pip install --no-cache-dir $TORCH_SOURCE "torch==${TORCH_VERSION}"' in torch_installs[0]
 
 
 def test_image_ray_matches_the_ray_clients_use():
@@ -169,7 +171,7 @@ def test_compose_head_starts_ray_and_publishes_the_dashboard_on_localhost_only(s
     assert command[:3] == ["ray", "start", "--head"] and "--block" in command
     assert "--dashboard-host=0.0.0.0" in command  # inside the container; the port mapping limits who gets in
     assert head["ports"] and all(port.startswith("127.0.0.1:") for port in head["ports"])
-    assert "127.0.0.1:8265:8265" in head["ports"]
+    assert "127.0.0.1:${DASHBOARD_PORT:-8265}:8265" in head["ports"]
 
 
 def test_compose_workers_join_the_head_after_it_is_healthy(services):
