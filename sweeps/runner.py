@@ -400,27 +400,28 @@ def trial_actor(train_fn) -> type:
             return self.trial_name
 
         def restore(self, checkpoint_path):
-            """Tune's restore, from the newest checkpoint on storage when the one Tune recorded is gone.
+            """Tune's restore; when the checkpoint Tune recorded is gone, first copy the trial's newest one there.
 
             On object storage Tune uploads its experiment state a while after a trial checkpoints, and deletes
             checkpoints beyond `checkpoint_keep` at once. A driver killed in between leaves a state that names a
-            deleted checkpoint, superseded by a newer one of the same trial: resume from that. Tune's own
-            counters (training_iteration, time_total_s) then go on from the older record; the epoch, which the
+            deleted checkpoint, superseded by a newer one of the same trial. Copying that one to the recorded
+            path keeps Tune's own records true (its next checkpoint index, what it deletes later). Tune's
+            counters (training_iteration, time_total_s) go on from the older record; the epoch, which the
             schedulers and the analysis use, comes from the checkpoint itself."""
-            from ray.train._internal.checkpoint_manager import _TrainingResult
-            from ray.tune import Checkpoint
+            from ray.train._internal.session import _TrainingResult
 
             recorded = checkpoint_path.checkpoint if isinstance(checkpoint_path, _TrainingResult) else None
-            if recorded is not None and recorded.filesystem.get_file_info(recorded.path).type == pyarrow.fs.FileType.NotFound:
+            fs = recorded.filesystem if recorded is not None else None
+            if recorded is not None and fs.get_file_info(recorded.path).type == pyarrow.fs.FileType.NotFound:
                 parent, name = recorded.path.rsplit("/", 1)
-                newer = sorted(info.path for info in recorded.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+                newer = sorted(info.path for info in fs.get_file_info(pyarrow.fs.FileSelector(parent))
                                if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_")
                                and info.base_name > name)
                 if newer:
-                    say(f"{self.trial_name}: {name} was superseded by {newer[-1].rsplit('/', 1)[1]}; "
-                        "resuming from that")
-                    checkpoint_path = _TrainingResult(Checkpoint(newer[-1], recorded.filesystem),
-                                                      checkpoint_path.metrics)
+                    say(f"{self.trial_name}: {name} is gone, superseded by {newer[-1].rsplit('/', 1)[1]}; "
+                        f"resuming from that (copied to {name})")
+                    fs.create_dir(recorded.path)  # a local copy needs its folder
+                    pyarrow.fs.copy_files(newer[-1], recorded.path, source_filesystem=fs, destination_filesystem=fs)
             return super().restore(checkpoint_path)
 
     return SweepTrial

@@ -251,12 +251,16 @@ def test_a_resume_whose_recorded_checkpoint_was_superseded_goes_on_from_the_newe
         newer = [f"checkpoint_{int(Path(recorded).name.split('_')[1]) + 1:06d}"]
         Path(recorded).rename(trial / newer[0])
 
+    newest_epoch = load_checkpoint(tune.Checkpoint.from_directory(str(trial / newer[-1])), device="cpu")["epoch"]
+
     resumed = run_cli("resume", str(results), "--no-dashboard")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"{Path(recorded).name} was superseded by {newer[-1]}; resuming from that" in resumed.stderr
+    name = Path(recorded).name
+    assert f"{name} is gone, superseded by {newer[-1]}; resuming from that (copied to {name})" in resumed.stderr
+    assert "Error handling checkpoint" not in resumed.stderr  # Tune's records stayed true: it found what it deletes
     rows = trial_results(results)[trial.name]
     restart = next(r for r in rows[1:] if r["iterations_since_restore"] == 1)
-    assert restart["epoch"] > 1 and rows[-1]["epoch"] == 4, [(r["epoch"], r["iterations_since_restore"]) for r in rows]
+    assert restart["epoch"] == newest_epoch + 1 and rows[-1]["epoch"] == 4, [(r["epoch"], r["iterations_since_restore"]) for r in rows]
 
 
 def test_a_checkpoint_without_its_file_trains_from_epoch_1(tmp_path):
