@@ -14,8 +14,10 @@ def cmd_list(args: argparse.Namespace) -> None:
     for name, path in sorted(bundled_specs().items()):
         try:
             spec, _ = load_spec(str(path))
-        except SpecError as err:  # e.g. a model whose library does not import on this machine: say so, go on
-            print(f"{name:36s}     - trials  cannot run here: {str(err).split(': ', 1)[-1]}")
+        except SpecError as err:  # a model whose library does not import on this machine: say so, go on
+            if ": model.name: " not in str(err):
+                raise
+            print(f"{name:36s}     - trials  cannot run here: {str(err).split(': model.name: ', 1)[1]}")
             continue
         summary = spec.description.strip().splitlines()[0] if spec.description.strip() else ""
         print(f"{name:36s} {sum(count_trials(spec).values()):5d} trials  {summary}")
@@ -99,8 +101,11 @@ def cmd_report(args: argparse.Namespace) -> None:
     from sweeps.runner import check_writable
     results_dir = args.results_dir
     if "://" in results_dir:  # object storage: the results come here first (without checkpoints)
-        from sweeps.runner import download_results, read_spec
-        local = Path(args.out or read_spec(results_dir).name).resolve()
+        from sweeps.runner import SPEC_FILE, download_results, exists, storage_uri
+        results_dir = storage_uri(results_dir)
+        if not exists(f"{results_dir}/{SPEC_FILE}"):
+            raise SpecError(f"{results_dir}: not a sweep results directory (no {SPEC_FILE})")
+        local = Path(args.out or results_dir.rsplit("/", 1)[1]).resolve()
         if local.exists():
             raise SpecError(f"--out {local}: already exists; the results of {results_dir} are downloaded into a new "
                             "directory (choose another with --out)")

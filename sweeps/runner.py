@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -77,7 +78,7 @@ def smoke_spec(spec: Spec) -> Spec:
 def storage_uri(storage: str | None) -> str:
     """A local directory (made absolute) or a URI such as s3://bucket/sweeps."""
     storage = storage or os.environ.get("SWEEP_STORAGE") or "results"
-    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+    return storage.rstrip("/") if "://" in storage else str(Path(storage).expanduser().resolve())
 
 
 def _fs(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
@@ -93,7 +94,7 @@ def exists(uri: str) -> bool:
     fs, path = _fs(uri)
     try:
         return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: pyarrow's ArrowInvalid, e.g. an empty path component
         raise SpecError(f"{uri}: cannot read ({err})") from None
 
 
@@ -456,8 +457,7 @@ def prepare_data(spec: Spec) -> Dataset:
 def new_results_dir(storage: str, name: str) -> str:
     """`<storage>/<name>`, refused (SpecError) if it already exists or the storage is not writable."""
     results_dir = f"{storage.rstrip('/')}/{name}"
-    if "://" in storage:
-        check_object_store(storage)
+    check_object_store(storage)
     if exists(results_dir):
         raise SpecError(f"{results_dir}: already exists; continue it with `sweep resume {results_dir}` "
                         "or start over under another --name")
@@ -466,9 +466,15 @@ def new_results_dir(storage: str, name: str) -> str:
     return results_dir
 
 
+OBJECT_STORES = ("s3://", "gs://", "gcs://")
+
+
 def check_object_store(uri: str, flag: str = "--storage") -> None:
     """Exit 2 before anything starts when object storage cannot take the results: the bucket does not exist, or
-    the credentials (AWS_* variables, ~/.aws, an instance role) are refused. Writes a probe object, then deletes it."""
+    the credentials (AWS_* or Google's variables, ~/.aws, an instance role) are refused. Writes a probe object,
+    then deletes it (S3 may keep an empty marker for the prefix). Other storage is left to check_writable."""
+    if not uri.startswith(OBJECT_STORES):
+        return
     fs, path = _fs(uri)
     bucket = path.split("/", 1)[0]
     try:
@@ -480,7 +486,7 @@ def check_object_store(uri: str, flag: str = "--storage") -> None:
         fs.delete_file(probe)
     except OSError as err:  # pyarrow's S3 errors: AccessDenied, InvalidAccessKeyId, SignatureDoesNotMatch, ...
         raise SpecError(f"{flag} {uri}: the object store refused it ({str(err).strip().splitlines()[0]}); "
-                        "check the credentials (AWS_ACCESS_KEY_ID, ...) and the bucket's permissions") from None
+                        "check the credentials and the bucket's permissions") from None
 
 
 def download_results(uri: str, local: Path) -> Path:
@@ -494,11 +500,18 @@ def download_results(uri: str, local: Path) -> Path:
     files = [f for f in found if f.type == pyarrow.fs.FileType.File
              and not any(part.startswith("checkpoint_") for part in f.path[len(path):].split("/"))]
     say(f"downloading {len(files)} files of {uri} (checkpoints left in place) to {local}")
-    for info in files:
-        target = local / info.path[len(path):].lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with fs.open_input_stream(info.path) as source:
-            target.write_bytes(source.read())
+    partial = local.with_name(f".{local.name}.partial")  # renamed when complete: no half copy under `local`
+    shutil.rmtree(partial, ignore_errors=True)  # what an earlier, interrupted download left
+    try:
+        for info in files:
+            target = partial / info.path[len(path):].lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(info.path) as source:
+                target.write_bytes(source.read())
+    except OSError as err:
+        raise SpecError(f"{uri}: download stopped ({str(err).strip().splitlines()[0]}); "
+                        f"the files so far are in {partial}") from None
+    partial.rename(local)
     return local
 
 
@@ -534,9 +547,8 @@ def resume_sweep(results_dir: str, *, address: str | None = None, dashboard: boo
     continue from their last checkpoint (errored ones get one more try), the rest start.
     Raises SpecError before starting anything."""
     results_dir = storage_uri(results_dir)
-    if "://" in results_dir:
-        check_object_store(results_dir, "resume")
     spec = read_spec(results_dir)
+    check_object_store(results_dir, "resume")
     if not work_left(results_dir, spec):
         say(f"{results_dir}: every trial has finished; nothing to resume")
         return results_dir

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -86,33 +87,46 @@ def start_moto(folder: Path, **env) -> tuple[subprocess.Popen, str]:
     env = {"MOTO_S3_CUSTOM_ENDPOINTS": f"http://host.containers.internal:{port}", **env}
     process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "0.0.0.0", "-p", str(port)], stdout=log,
                                stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **env})
+    log.close()  # the server has its own copy
     endpoint = f"http://127.0.0.1:{port}"
     for _ in range(200):
         try:
             urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
             return process, endpoint
         except OSError:
-            import time
             time.sleep(0.1)
     process.kill()
+    process.wait()
     raise RuntimeError(f"moto did not start; see {log.name}")
 
 
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+def make_bucket(endpoint: str, name: str) -> None:
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket=name)
+
+
+def s3_objects(endpoint: str, prefix: str) -> list[str]:
+    """Every object under s3://prefix on the S3 server at `endpoint`, as paths."""
+    import pyarrow.fs
+
+    fs = pyarrow.fs.S3FileSystem(endpoint_override=endpoint, access_key="testing", secret_key="testing",
+                                 region="us-east-1")
+    found = fs.get_file_info(pyarrow.fs.FileSelector(prefix, recursive=True, allow_not_found=True))
+    return sorted(info.path for info in found if info.type == pyarrow.fs.FileType.File)
+
+
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A moto S3 server with the bucket `sweeps`; yields the environment that points clients at it."""
-    import boto3
-
     process, endpoint = start_moto(tmp_path_factory.mktemp("moto"))
-    env = {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}
-    boto3.client("s3", endpoint_url=endpoint, **{k.lower(): v for k, v in S3_CREDENTIALS.items()
-                                                 if k != "AWS_DEFAULT_REGION"},
-                 region_name="us-east-1").create_bucket(Bucket="sweeps")
     try:
-        yield env
+        make_bucket(endpoint, "sweeps")
+        yield {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}
     finally:
         process.kill()
         process.wait()

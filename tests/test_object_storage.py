@@ -4,32 +4,26 @@ from this machine, and `sweep resume s3://...` finishes a sweep whose driver was
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
-import pyarrow.fs
 import pytest
 
-from conftest import REPO, S3_CREDENTIALS, run_cli, start_moto, write_spec
+from conftest import REPO, S3_CREDENTIALS, run_cli, s3_objects, start_moto, trial_results, write_spec
 
 
 def listing(env: dict, prefix: str) -> list[str]:
-    """Every object under s3://prefix, as paths."""
-    fs = pyarrow.fs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key="testing",
-                                 secret_key="testing", region="us-east-1")
-    return sorted(i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(prefix, recursive=True, allow_not_found=True))
-                  if i.type == pyarrow.fs.FileType.File)
+    return s3_objects(env["AWS_ENDPOINT_URL"], prefix)
 
 
 def test_a_bucket_that_does_not_exist_is_refused_before_anything_starts(tmp_path, tiny_spec, s3):
     done = run_cli("run", str(write_spec(tmp_path, tiny_spec)), "--storage", "s3://nowhere/sweeps", env=s3)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         "sweep: error: --storage s3://nowhere/sweeps: bucket nowhere does not exist; create it first"]
-    assert listing(s3, "sweeps") == []
+    assert listing(s3, "nowhere") == [] and listing(s3, "sweeps") == []  # no bucket made, nothing written
 
 
 def test_refused_credentials_are_said_before_anything_starts(tmp_path, tiny_spec):
@@ -40,6 +34,7 @@ def test_refused_credentials_are_said_before_anything_starts(tmp_path, tiny_spec
                        env={**S3_CREDENTIALS, "AWS_ENDPOINT_URL": endpoint})
     finally:
         process.kill()
+        process.wait()
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
     assert "--storage s3://sweeps/x: the object store refused it (" in done.stderr
     assert "check the credentials" in done.stderr
@@ -79,9 +74,13 @@ def test_a_sweep_on_s3_is_reported_and_resumed_from_this_machine(tmp_path, s3):
     report = run_cli("report", "s3://sweeps/runs/remote", "--out", str(out), env=s3)
     assert report.returncode == 0, report.stderr[-3000:]
     assert (out / "report" / "report.html").is_file() and not list(out.rglob("checkpoint_*"))
-    rows = {d.name.split("_")[0]: [json.loads(line) for line in (d / "result.json").read_text().splitlines()]
-            for d in out.iterdir() if (d / "result.json").exists()}
-    for arm, trial_rows in rows.items():  # every trial finished, the interrupted one from its checkpoint
-        assert sorted({r["epoch"] for r in trial_rows}) == [1, 2, 3], arm
-    again = run_cli("report", "s3://sweeps/runs/remote", "--out", str(out), env=s3)
-    assert again.returncode == 2 and "already exists" in again.stderr
+    rows = trial_results(out)
+    assert len(rows) == 2 and all(trial_rows[-1]["epoch"] == 3 for trial_rows in rows.values())  # all finished
+    # the interrupted one went on from its checkpoint, not from epoch 1
+    assert any(r["iterations_since_restore"] == 1 and r["epoch"] > 1 for t in rows.values() for r in t), rows
+    again = run_cli("report", "s3://sweeps/runs/remote/", "--out", str(out), env=s3)  # a trailing slash is the same
+    assert again.returncode == 2 and again.stderr.strip().splitlines() == [
+        f"sweep: error: --out {out}: already exists; the results of s3://sweeps/runs/remote are downloaded into a "
+        "new directory (choose another with --out)"]
+    missing = run_cli("report", "s3://sweeps/runs/nothing", env=s3)
+    assert missing.returncode == 2 and "s3://sweeps/runs/nothing: not a sweep results directory" in missing.stderr
