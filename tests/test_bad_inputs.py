@@ -10,6 +10,8 @@ interrupted sweep: that case is in tests/test_reliability.py.
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -192,3 +194,21 @@ def test_a_real_process_exits_2_with_one_stderr_line(workspace):
     assert done.stderr.strip().splitlines() == [
         f"sweep: error: {workspace / 'good.yaml'}: optim.lr: Input should be greater than 0"]
     assert not (workspace / "out").exists()
+
+
+def test_a_model_whose_library_does_not_import_names_model_name_and_list_says_which_specs_cannot_run():
+    # As in an image whose torchvision was built for another torch: `import torchvision` fails.
+    without = ("import sys; sys.modules['torchvision'] = None\n"
+               "from sweeps.cli import main; sys.exit(main(sys.argv[1:]))")
+    run = lambda *args: subprocess.run([sys.executable, "-c", without, *args], capture_output=True, text=True,
+                                       timeout=300)
+    refused = run("validate", "alexnet-mnist-adam-vs-adamw")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert ("alexnet-mnist-adam-vs-adamw.yaml: model.name: alexnet is torchvision's model, and torchvision does "
+            "not import here") in refused.stderr
+    listed = run("list")
+    assert listed.returncode == 0, listed.stderr
+    lines = {line.split()[0]: line for line in listed.stdout.splitlines()}
+    # (the CIFAR specs' models are checked once their data is on disk: it is not here)
+    assert "cannot run here: alexnet is torchvision's model" in lines["alexnet-mnist-adam-vs-adamw"]
+    assert "cannot run here" not in lines["quickstart"] and " trials  " in lines["quickstart"]
