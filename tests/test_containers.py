@@ -19,7 +19,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import REPO, S3_CREDENTIALS, free_port, run_cli, start_moto, trial_results, write_spec
+from conftest import (REPO, S3_CREDENTIALS, free_port, make_bucket, run_cli, s3_objects, start_moto, trial_results,
+                      write_spec)
 
 BASE = "localhost/debian-python:bookworm"  # Debian 12: its python3 is 3.11
 IMAGE = "localhost/sweeps:test"
@@ -36,9 +36,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # the first test wai
 
 def missing_tools() -> str | None:
     """Why containers cannot run here, or None."""
-    for tool, package in (("podman", "podman"), ("debootstrap", "debootstrap"), ("docker-compose", "docker-compose")):
+    for tool in ("podman", "debootstrap", "catatonit", "docker-compose"):  # Debian packages of the same names
         if shutil.which(tool) is None:
-            return f"{tool} is not installed (apt-get install {package})"
+            return f"{tool} is not installed (apt-get install {tool})"
     info = subprocess.run(["podman", "info"], capture_output=True, text=True)
     if info.returncode != 0:
         return f"podman cannot run here: {info.stderr.strip().splitlines()[-1] if info.stderr.strip() else info.returncode}"
@@ -70,8 +70,12 @@ def make_base_image() -> None:
         subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
                         "bookworm", root], check=True, capture_output=True, timeout=900)
         tar = subprocess.Popen(["tar", "-C", root, "-c", "."], stdout=subprocess.PIPE)
-        subprocess.run(["podman", "import", "-", BASE], stdin=tar.stdout, check=True, capture_output=True, timeout=300)
-        assert tar.wait() == 0
+        try:
+            subprocess.run(["podman", "import", "-", BASE], stdin=tar.stdout, check=True, capture_output=True,
+                           timeout=300)
+        finally:
+            tar.stdout.close()  # if the import failed, tar gets EPIPE and ends
+            assert tar.wait(timeout=60) == 0
 
 
 def torch_build_args() -> list[str]:
@@ -142,21 +146,25 @@ class Cluster:
         return run_cli(*args, env={**self.env, **self.s3}, timeout=timeout)
 
 
-def compose(env: dict, project: str, env_file: Path, *args: str, timeout: float = 600) -> subprocess.Popen:
-    return subprocess.Popen(["docker-compose", "-f", str(REPO / "docker" / "docker-compose.yml"), "--env-file",
-                             str(env_file), "-p", project, *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+def compose(env: dict, project: str, env_file: Path, *args: str) -> subprocess.Popen:
+    """`docker-compose ARGS` for this project, its output appended to compose.log beside the env file."""
+    with open(env_file.parent / "compose.log", "a") as log:
+        return subprocess.Popen(["docker-compose", "-f", str(REPO / "docker" / "docker-compose.yml"), "--env-file",
+                                 str(env_file), "-p", project, *args], env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def up(env: dict, project: str, env_file: Path) -> None:
+def up(env: dict, project: str, env_file: Path, timeout: float = 300) -> None:
     """`docker-compose up`: it waits for the head's healthcheck before it starts the workers. Podman runs
     healthchecks from systemd timers, and there is no systemd here, so this runs them meanwhile."""
     starting = compose(env, project, env_file, "up", "-d", "--no-build", "--scale", "worker=2")
-    while starting.poll() is None:
+    deadline = time.monotonic() + timeout
+    while starting.poll() is None and time.monotonic() < deadline:
         podman("healthcheck", "run", f"{project}_head_1", check=False)
         time.sleep(2)
-    output = starting.stdout.read()
-    assert starting.returncode == 0, output[-3000:]
+    if starting.poll() is None:
+        starting.kill()
+    log = (env_file.parent / "compose.log").read_text()
+    assert starting.wait() == 0, f"docker-compose up failed or took over {timeout:.0f} s: {log[-3000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -183,18 +191,23 @@ def cluster(image, tmp_path_factory):
         up(env, project, env_file)
         say(f"compose cluster (head and 2 workers) up in {time.monotonic() - start:.0f} s")
         volume = podman("volume", "inspect", f"{project}_results", "--format", "{{.Mountpoint}}").stdout.strip()
-        import boto3
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                     aws_secret_access_key="testing").create_bucket(Bucket="sweeps")
+        make_bucket(endpoint, "sweeps")
         yield Cluster(url=f"http://127.0.0.1:{port}", env={"RAY_AUTH_TOKEN": token, "RAY_AUTH_MODE": "token"},
                       project=project, s3={**S3_CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}, results=Path(volume))
-    finally:
-        down = compose(env, project, env_file, "down", "-v", "--timeout", "5")
-        down.wait(timeout=300)
-        service.terminate()
-        service.wait(timeout=30)
-        moto.kill()
-        moto.wait()
+    finally:  # each step runs even if the one before it fails
+        try:
+            down = compose(env, project, env_file, "down", "-v", "--timeout", "5")
+            try:
+                down.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                down.kill()
+                podman("rm", "-f", *[line for line in podman("ps", "-a", "-q", "--filter",
+                                                             f"label=com.docker.compose.project={project}",
+                                                             check=False).stdout.split()], check=False)
+        finally:
+            for process in (service, moto):
+                process.kill()
+                process.wait()
 
 
 def wait_for(condition, what: str, timeout: float = 300, job: tuple[Cluster, str] | None = None):
@@ -253,8 +266,10 @@ def test_a_sweep_survives_the_loss_of_a_worker_container(cluster, tmp_path):
     lost = next(name for name, r in trial_results(results).items() if r and r[0]["trial_id"] == rows[0]["trial_id"])
     podman("kill", rows[-1]["hostname"])  # a container's host name is its id
     say(f"killed worker {rows[-1]['hostname']} after epoch {rows[-1]['epoch']} of {lost}")
-
-    log = follow(cluster, job_id)
+    try:
+        log = follow(cluster, job_id)
+    finally:
+        podman("start", rows[-1]["hostname"])  # the next test has two workers again
     assert f"job {job_id}: SUCCEEDED" in log, log[-3000:]
     assert (results / "report" / "report.html").is_file() and (results / "report" / "comparison.csv").is_file()
     trials = trial_results(results)
@@ -264,17 +279,10 @@ def test_a_sweep_survives_the_loss_of_a_worker_container(cluster, tmp_path):
     restarts = [r for r in trials[lost] if r["iterations_since_restore"] == 1]
     assert restarts[0]["epoch"] == 1 and len(restarts) == 2 and restarts[1]["epoch"] > 2, trials[lost]
     assert restarts[1]["hostname"] != rows[-1]["hostname"]  # it went on on the other worker
-    podman("start", rows[-1]["hostname"])  # the next test has two workers again
 
 
 def s3_listing(cluster: Cluster, prefix: str) -> list[str]:
-    import pyarrow.fs
-
-    fs = pyarrow.fs.S3FileSystem(endpoint_override=cluster.s3["AWS_ENDPOINT_URL"], access_key="testing",
-                                 secret_key="testing", region="us-east-1")
-    return sorted(i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(prefix, recursive=True,
-                                                                            allow_not_found=True))
-                  if i.type == pyarrow.fs.FileType.File)
+    return s3_objects(cluster.s3["AWS_ENDPOINT_URL"], prefix)
 
 
 def test_a_sweep_keeps_its_results_in_s3_and_resumes_from_there_after_its_driver_is_killed(cluster, tmp_path):
@@ -284,9 +292,12 @@ def test_a_sweep_keeps_its_results_in_s3_and_resumes_from_there_after_its_driver
     time.sleep(1)
     # The job's driver is the `sweeps.cli run` process in the head container: SIGKILL, as a crash would.
     podman("exec", cluster.container("head"), "python", "-c",
-           "import os, signal\n"
+           "import os\n"
            "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
-           "    if b'sweeps.cli\\0run' in open(f'/proc/{pid}/cmdline', 'rb').read(): os.kill(int(pid), signal.SIGKILL)")
+           "    try:\n"
+           "        if b'sweeps.cli\\0run' in open(f'/proc/{pid}/cmdline', 'rb').read(): os.kill(int(pid), 9)\n"
+           "    except (FileNotFoundError, ProcessLookupError):\n"
+           "        pass  # a process that ended meanwhile")
     log = follow(cluster, job_id)
     assert f"job {job_id}: FAILED" in log, log[-3000:]
     stored = s3_listing(cluster, "sweeps/cluster/ins3")
