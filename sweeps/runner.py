@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import socket
@@ -290,7 +289,7 @@ class AsyncHyperBand(AsyncHyperBandScheduler):
     def __init__(self, spec: Spec):
         s = spec.scheduler
         max_t = s.max_t or max_epochs(spec)
-        brackets = int(math.log(max_t / s.grace_period) / math.log(s.reduction_factor) + 1e-9) + 1
+        brackets = s.brackets(max_t)
         super().__init__(time_attr="epoch", max_t=max_t, grace_period=s.grace_period,
                          reduction_factor=s.reduction_factor, brackets=brackets)
         self._dealt = [0] * brackets

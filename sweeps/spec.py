@@ -269,6 +269,10 @@ class Scheduler(Strict):
         """The epoch at which the scheduler ends every trial, where it has one (its last rung)."""
         return self.max_t if self.name in ("asha", "hyperband") else None
 
+    def brackets(self, max_t: int) -> int:
+        """HyperBand's bracket count for trials of at most `max_t` epochs (Ray's arithmetic, async_hyperband)."""
+        return int(math.log(max_t / self.grace_period) / math.log(self.reduction_factor) + 1e-9) + 1
+
     def plan(self, epochs: int) -> str:
         """What the scheduler will do, in epochs: for `sweep validate`."""
         max_t = self.max_t or epochs
@@ -278,7 +282,7 @@ class Scheduler(Strict):
             return (f"asha: a trial is judged at epochs {', '.join(f'{r:g}' for r in rungs)} and goes on only in the "
                     f"top 1/{self.reduction_factor:g} of its rung; at most {max_t} epochs")
         if self.name == "hyperband":  # sweeps.runner.AsyncHyperBand: Ray's bracket arithmetic (async_hyperband._Bracket)
-            count = int(math.log(max_t / self.grace_period) / math.log(self.reduction_factor) + 1e-9) + 1
+            count = self.brackets(max_t)
             judged = []
             for s in range(count):
                 rungs = [self.grace_period * self.reduction_factor ** (k + s) for k in range(
