@@ -19,7 +19,7 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 from ray import tune
 
-from sweeps.space import _category, distribution
+from sweeps.space import category, distribution, finite
 from sweeps.spec import Domain, Spec, SpecError
 
 JOURNAL = "optuna.log"
@@ -67,7 +67,7 @@ class OptunaJournal(tune.Callback):
         arm = trial.config["arm"]
         settings = {**arm, **{k: v for k, v in trial.config.items() if k != "arm"}}
         domains = self.domains.get(arm["name"], {})
-        params = {k: _category(settings[k]) if domains[k].kind in ("grid", "choice") else settings[k]
+        params = {k: category(settings[k]) if domains[k].kind in ("grid", "choice") else settings[k]
                   for k in domains if k in settings}
         distributions = {k: distribution(domains[k]) for k in params}
         if SEED in settings and SEED not in params:  # the replicate, shown beside the searched settings
@@ -78,7 +78,7 @@ class OptunaJournal(tune.Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         value, epoch = result.get(self.metrics[0]), result.get("epoch")
-        if (trial.trial_id in self._ids and len(self.metrics) == 1 and _finite(value) and epoch is not None):
+        if (trial.trial_id in self._ids and len(self.metrics) == 1 and finite(value) and epoch is not None):
             self._storage.set_trial_intermediate_value(self._ids[trial.trial_id], int(epoch), float(value))
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
@@ -86,7 +86,7 @@ class OptunaJournal(tune.Callback):
         values, epoch = [result.get(m) for m in self.metrics], result.get("epoch", 0)
         planned = int(trial.config["arm"].get("train.epochs", self.epochs))
         planned = min(planned, self.max_t) if self.max_t else planned
-        if not all(_finite(v) for v in values):
+        if not all(finite(v) for v in values):
             self._finish(trial, TrialState.FAIL)
         elif epoch < planned and not result.get("diverged"):
             self._finish(trial, TrialState.PRUNED)  # stopped early by the scheduler
@@ -100,10 +100,6 @@ class OptunaJournal(tune.Callback):
         trial_id = self._ids.pop(trial.trial_id, None)
         if trial_id is not None:
             self._storage.set_trial_state_values(trial_id, state, values)
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and value == value and abs(value) != float("inf")
 
 
 def serve(results_dir: str, *, host: str = "127.0.0.1", port: int = 8080) -> None:

@@ -84,13 +84,13 @@ def param_space(spec: Spec) -> dict[str, Any]:
 def distribution(domain: Domain) -> optuna.distributions.BaseDistribution:
     """The Optuna distribution `_suggest` samples a domain from (also how the journal and warm start record it)."""
     if domain.kind in ("grid", "choice"):
-        return optuna.distributions.CategoricalDistribution([_category(v) for v in domain.values])
+        return optuna.distributions.CategoricalDistribution([category(v) for v in domain.values])
     if domain.kind == "int":
         return optuna.distributions.IntDistribution(*domain.values)
     return optuna.distributions.FloatDistribution(*domain.values, log=domain.kind == "loguniform")
 
 
-def _category(value: Any) -> Any:
+def category(value: Any) -> Any:
     """Optuna's categorical choices must be None, bool, int, float or str: lists become their text."""
     return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
@@ -159,7 +159,7 @@ class PerArmOptuna(Searcher):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         live = self.live.get(trial_id)
         value, step = result.get(self.metric), result.get("epoch")
-        if live and len(self.metrics) == 1 and step is not None and _finite(value) and step not in live.steps:
+        if live and len(self.metrics) == 1 and step is not None and finite(value) and step not in live.steps:
             live.trial.report(float(value), int(step))  # a resumed trial may repeat an epoch: Optuna keeps the first
             live.steps.add(step)
 
@@ -168,7 +168,7 @@ class PerArmOptuna(Searcher):
         if live is None:
             return
         study, values = self.studies[live.arm], [(result or {}).get(m) for m in self.metrics]
-        if error or not all(_finite(v) for v in values):
+        if error or not all(finite(v) for v in values):
             study.tell(live.trial, state=optuna.trial.TrialState.FAIL)
         elif result.get("epoch", live.planned) < live.planned and not result.get("diverged"):
             study.tell(live.trial, state=optuna.trial.TrialState.PRUNED)  # stopped early by the scheduler
@@ -184,7 +184,8 @@ class PerArmOptuna(Searcher):
             self.__dict__.update(pickle.load(f))
 
 
-def _finite(value: Any) -> bool:
+def finite(value: Any) -> bool:
+    """A number Optuna can be told (NaN, inf and missing values are not)."""
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
@@ -291,7 +292,7 @@ def warm_start_trials(spec: Spec) -> dict[str, list[optuna.trial.FrozenTrial]]:
             if len(params) != len(domains):
                 continue
             dists = {k: distribution(domains[k]) for k in params}
-            if row["status"] in ("completed", "diverged") and all(_finite(v) for v in values):
+            if row["status"] in ("completed", "diverged") and all(finite(v) for v in values):
                 warm.setdefault(arm, []).append(optuna.trial.create_trial(
                     params=params, distributions=dists, values=[float(v) for v in values],
                     user_attrs={"warm_start": row["trial_id"]}))
@@ -300,7 +301,7 @@ def warm_start_trials(spec: Spec) -> dict[str, list[optuna.trial.FrozenTrial]]:
                 warm.setdefault(arm, []).append(optuna.trial.create_trial(
                     params=params, distributions=dists, state=optuna.trial.TrialState.PRUNED,
                     intermediate_values={int(e): float(v) for e, v in zip(curve["epoch"], curve[spec.search.metrics[0]])
-                                         if _finite(v)}, user_attrs={"warm_start": row["trial_id"]}))
+                                         if finite(v)}, user_attrs={"warm_start": row["trial_id"]}))
     return warm
 
 
@@ -308,7 +309,7 @@ def _warm_value(domain: Domain, value: Any) -> Any:
     """A setting read back from a results table, as its Optuna distribution holds it (pandas may have made an
     int column float, or a list its JSON text)."""
     if domain.kind in ("grid", "choice"):
-        return _category(value)
+        return category(value)
     return int(value) if domain.kind == "int" else float(value)
 
 
