@@ -52,13 +52,11 @@ class Results:
     @property
     def search_metrics(self) -> list[str]:
         """The search metrics: one, or several (a Pareto front; the first ranks the comparison)."""
-        metric = (self.spec.get("search") or {}).get("metric", "val_acc")
-        return list(metric) if isinstance(metric, list) else [metric]
+        return _search_lists(self.spec)[0]
 
     @property
     def search_modes(self) -> list[str]:
-        mode = (self.spec.get("search") or {}).get("mode", "max")
-        return list(mode) if isinstance(mode, list) else [mode]
+        return _search_lists(self.spec)[1]
 
     @property
     def metric(self) -> str:
@@ -118,11 +116,17 @@ def _read_spec(directory: Path) -> dict:
     return spec
 
 
-def _search_metric(spec: dict) -> tuple[str, str]:
-    """The (first) search metric and its mode."""
+def _search_lists(spec: dict) -> tuple[list[str], list[str]]:
+    """The spec's search metrics and their modes, as lists (a spec may give one of each, or several)."""
     search = spec.get("search") or {}
     metric, mode = search.get("metric", "val_acc"), search.get("mode", "max")
-    return (metric[0] if isinstance(metric, list) else metric), (mode[0] if isinstance(mode, list) else mode)
+    return (list(metric) if isinstance(metric, list) else [metric]), (list(mode) if isinstance(mode, list) else [mode])
+
+
+def _search_metric(spec: dict) -> tuple[str, str]:
+    """The (first) search metric and its mode."""
+    metrics, modes = _search_lists(spec)
+    return metrics[0], modes[0]
 
 
 def _read_trial(trial_dir: Path, spec: dict):
