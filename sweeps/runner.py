@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow.fs
 import yaml
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, AsyncHyperBandScheduler, FIFOScheduler, MedianStoppingRule
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -223,19 +224,26 @@ def build_tuner(spec: Spec, dataset: Dataset, *, storage: str, restore: str | No
             trial_name_creator=trial_name, trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(
             name=spec.name, storage_path=storage,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.run.checkpoint_keep),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=checkpoints_kept(spec)),
             failure_config=tune.FailureConfig(max_failures=spec.run.max_failures),
             callbacks=callbacks(spec, scheduler, storage=storage, verbose=verbose, experiment=experiment),
             verbose=1 if verbose else 0),
     )
 
 
+def checkpoints_kept(spec: Spec) -> int | None:
+    """Checkpoints Tune keeps per trial: `run.checkpoint_keep`, but every one under PBT (None), where another trial
+    may copy a checkpoint long after its trial went on: deleted, the copy would restore a later one instead."""
+    return None if spec.scheduler.name == "pbt" else spec.run.checkpoint_keep
+
+
 def callbacks(spec: Spec, scheduler, *, storage: str, verbose: bool, experiment: str | None) -> list:
-    """The driver's Tune callbacks: the scheduler's state, the console, the Optuna journal, MLflow."""
+    """The driver's Tune callbacks: the scheduler's state, the result files, the console, the Optuna journal,
+    MLflow."""
     from sweeps.dashboard import JOURNAL, OptunaJournal
     from sweeps.progress import Progress
 
-    chosen = [SchedulerState(scheduler)]
+    chosen = [SchedulerState(scheduler), JsonLogger(), CSVLogger()]
     if not verbose:
         chosen.append(Progress(spec))
     if "://" not in storage:  # the journal is a file beside the results: local or shared file systems only
@@ -347,6 +355,28 @@ class SchedulerState(tune.Callback):
         if self._restored:
             relink(self.scheduler, {trial.trial_id: trial for trial in trials})
             self._restored = False
+
+
+class _DriverCopyFirst:
+    """Tune's result-file loggers, keeping the driver's own copy of a trial's file when the trial restarts.
+
+    Tune's loggers copy a trial's file back from storage whenever the trial starts again with a checkpoint (a
+    retry, a PBT exploit on a new actor), for the case of a new driver. But the copy on storage lags the
+    driver's by up to a sync period, so within one driver that copy threw away the rows reported since the last
+    sync (a PBT trial's result.json began at epoch 4). Storage is read only when the driver has no copy: after
+    `sweep resume`, which starts a new driver."""
+
+    def _restore_from_remote(self, file_name: str, trial) -> None:
+        if not Path(trial.local_path, file_name).exists():
+            super()._restore_from_remote(file_name, trial)
+
+
+class JsonLogger(_DriverCopyFirst, JsonLoggerCallback):
+    """result.json and params.json, as Tune writes them (see _DriverCopyFirst)."""
+
+
+class CSVLogger(_DriverCopyFirst, CSVLoggerCallback):
+    """progress.csv, as Tune writes it (see _DriverCopyFirst)."""
 
 
 def relink(obj, live: dict, seen: set | None = None):

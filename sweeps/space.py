@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import optuna
 from ray import tune
-from ray.tune.schedulers import PopulationBasedTraining
+from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
 from ray.tune.search import Searcher
 
 from sweeps.spec import Domain, Spec
@@ -236,10 +236,20 @@ class PerArmPBT(PopulationBasedTraining):
                          quantile_fraction=s.quantile_fraction, resample_probability=s.resample_probability,
                          custom_explore_fn=ArmExplorer(spec), log_config=True)
         self._arm: str | None = None
+        self._default_epochs = spec.train.epochs
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if result.get("diverged") or result.get("epoch", 0) >= self._epochs(trial):
+            # The trial's last report: its result stands. Copied into now, it would train its last epochs again
+            # from another's state (and be copied again, and again); its state here stays at its last perturbation,
+            # with epochs left to train, for any trial that copies it before it ends.
+            return TrialScheduler.CONTINUE
         self._arm = trial.config["arm"]["name"]
         return super().on_trial_result(tune_controller, trial, result)
+
+    def _epochs(self, trial) -> int:
+        config = trial.config
+        return int(config["arm"].get("train.epochs", config.get("train.epochs", self._default_epochs)))
 
     def _quantiles(self):
         everyone = self._trial_state

@@ -299,7 +299,8 @@ class Scheduler(Strict):
         if self.name == "pbt":
             return (f"pbt: every {self.perturbation_interval} epochs, a trial in the bottom {self.quantile_fraction:.0%} of "
                     f"its arm copies a top-{self.quantile_fraction:.0%} trial of the same arm (weights and settings), then "
-                    f"perturbs its searched settings (x0.8 or x1.2, or redrawn with p={self.resample_probability:g})")
+                    f"perturbs its searched settings (x0.8 or x1.2, or redrawn with p={self.resample_probability:g}); "
+                    "every checkpoint is kept, for the copies")
         return "fifo: every trial runs to the end"
 
 
@@ -310,7 +311,7 @@ class Resources(Strict):
 
 class Run(Strict):
     max_failures: NonNegativeInt = 2                    # retries of a crashed trial, from its last checkpoint
-    checkpoint_keep: PositiveInt = 1                    # checkpoints kept per trial (the latest ones)
+    checkpoint_keep: PositiveInt = 1                    # checkpoints kept per trial (the latest ones; pbt keeps all)
     mlflow: str | None = None                           # MLflow tracking URI (http://host:5000 or a directory): a run per trial
 
 

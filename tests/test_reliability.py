@@ -283,3 +283,45 @@ def kill_group(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def test_a_trial_restarted_with_a_checkpoint_keeps_the_rows_the_driver_logged_since_the_last_sync(tmp_path):
+    # Tune's own loggers copy a restarting trial's result.json back from storage, which lags the driver's copy
+    # by up to a sync period: a PBT trial's rows before epoch 4 were lost that way.
+    import json
+
+    import ray
+    from ray.train._internal.session import _TrainingResult
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.experiment import Trial
+    from ray.tune.logger import JsonLoggerCallback
+
+    from sweeps.runner import CSVLogger, JsonLogger
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, configure_logging=False)
+    try:
+        written = {}
+        for logger in (JsonLoggerCallback(), JsonLogger(), CSVLogger()):
+            name = type(logger).__name__
+            trial = Trial("t", config={}, stub=True,
+                          storage=StorageContext(storage_path=str(tmp_path), experiment_dir_name=name, trial_dir_name="t"))
+            trial.init_local_path()
+            for epoch in (1, 2, 3):
+                logger.log_trial_result(epoch, trial, {"epoch": epoch})
+            file, header = ("progress.csv", 1) if isinstance(logger, CSVLogger) else ("result.json", 0)
+            lines = Path(trial.local_path, file).read_text().splitlines(keepends=True)
+            stale = Path(trial.path) / file  # what storage holds: Tune's last sync, after epoch 1
+            stale.parent.mkdir(parents=True)
+            stale.write_text("".join(lines[:header + 1]))
+            (tmp_path / "checkpoint").mkdir(exist_ok=True)
+            trial.run_metadata.checkpoint_manager._latest_checkpoint_result = _TrainingResult(
+                checkpoint=tune.Checkpoint.from_directory(str(tmp_path / "checkpoint")), metrics={})
+            logger.log_trial_start(trial)  # the trial starts again from its checkpoint
+            logger.log_trial_result(4, trial, {"epoch": 4})
+            logger.log_trial_end(trial)
+            text = Path(trial.local_path, file).read_text()
+            written[name] = [int(line) if header else json.loads(line)["epoch"] for line in text.splitlines()[header:]]
+    finally:
+        ray.shutdown()
+    assert written["JsonLoggerCallback"] == [1, 4], "Tune's own logger: the behaviour this works around"
+    assert written["JsonLogger"] == [1, 2, 3, 4] and written["CSVLogger"] == [1, 2, 3, 4]

@@ -101,6 +101,14 @@ def test_pbt_copies_within_an_arm_and_the_copy_trains_with_its_explored_lr(tmp_p
     arm_of = {name.split("_", 1)[1]: name.split("_", 1)[0] for name in named}
     copies = pd.read_csv(root / "report" / "pbt.csv")
     assert len(copies) >= 2, "PBT should have copied in 6 epochs with half of each arm at the bottom"
+    for name, trial_rows in rows.items():
+        epochs = [r["epoch"] for r in trial_rows]
+        # Every report is kept (a copy goes on from the source's epoch, so an epoch may repeat or be skipped), and
+        # every trial trains to the end: nobody copies a trial that has nothing left to train.
+        assert epochs[0] == 1 and epochs[-1] == 6 and "test_acc" in trial_rows[-1], (name, epochs)
+        assert all(b == a + 1 or "copied_from" in r for a, b, r in zip(epochs, epochs[1:], trial_rows[1:])), epochs
+    # Every checkpoint is kept: a copy restores the very checkpoint PBT chose, never a later one in its place.
+    assert "is gone, superseded by" not in done.stdout + done.stderr
     # Ray's own log of each exploit: (the copied trial's settings, the explored settings the copy goes on with).
     logged = [json.loads(line) for line in (root / "pbt_global.txt").read_text().splitlines()]
     explored = [entry[5]["arm"]["optim.lr"] for entry in logged]
