@@ -39,6 +39,14 @@ def trial_results(results_dir: Path) -> dict[str, list[dict]]:
     return out
 
 
+def trial_settings(spec: dict, flat: dict | None = None) -> dict:
+    """The resolved settings a trial of `spec` trains with, dotted `flat` settings (`optim.lr`) laid over them."""
+    from sweeps.spec import validate_spec
+    from trainables.train import apply_settings
+
+    return apply_settings(validate_spec(spec, "test").base_settings(), flat or {})
+
+
 @pytest.fixture
 def tiny_spec() -> dict:
     """A spec that trains in about a second per trial on the embedded data."""

@@ -3,6 +3,7 @@ is loaded, and how train_* is measured (the same way as val_*)."""
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 from contextlib import nullcontext
@@ -13,11 +14,11 @@ import ray
 import torch
 from ray import tune
 
-from conftest import run_cli, trial_results, write_spec
+from conftest import run_cli, trial_results, trial_settings, write_spec
 from trainables.data import Loader, load_dataset
 from trainables.models import create_model
 from trainables.optim import create_loss, create_optimizer, create_schedule
-from trainables.train import (CHECKPOINT_FILE, assigned_gpus, checkpoint_state, evaluate, load_checkpoint,
+from trainables.train import (CHECKPOINT_FILE, Trial, assigned_gpus, checkpoint_state, evaluate, load_checkpoint,
                               pick_device, restore_state, train_sample)
 
 
@@ -78,6 +79,25 @@ def test_a_checkpoint_holds_the_fp16_loss_scale(tmp_path):
     assert restore_state(state, model2, optimizer2, schedule2, fresh, loader2) == 8
     assert fresh.get_scale() == 256.0
     assert next(iter(loader2))[1].tolist() == next(iter(loader))[1].tolist()  # the data order continues too
+
+
+def test_a_restored_trial_goes_on_at_the_learning_rate_its_schedule_reached_and_a_copy_at_its_own(tiny_spec):
+    settings = trial_settings(tiny_spec, {"optim.lr": 0.1, "optim.schedule": "multistep", "optim.milestones": [2],
+                                          "train.epochs": 4})
+    data = load_dataset("mnist5k", train_subset=400)
+    first = Trial(settings, data, torch.device("cpu"), loaded_subset=400, trial_id="t1")
+    for _ in range(3):
+        lr = first.lr
+        report = first.end_epoch(*first.train_epoch(), 1.0, lr)
+    buffer = io.BytesIO()
+    report.save(buffer)
+    state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    assert first.lr == pytest.approx(0.01)
+    retried = Trial(settings, data, torch.device("cpu"), loaded_subset=400, trial_id="t1", state=state)
+    assert (retried.epoch, retried.lr, retried.copied) == (3, pytest.approx(0.01), {})  # not reset to 0.1
+    copy = Trial(trial_settings(tiny_spec, {"optim.lr": 0.37}), data, torch.device("cpu"), loaded_subset=400,
+                 trial_id="t2", state=state)  # PBT: another trial's state, this trial's settings
+    assert copy.lr == 0.37 and copy.copied == {"copied_from": "t1", "copied_epoch": 3}
 
 
 def test_a_checkpoint_cannot_run_code_when_loaded(tmp_path):

@@ -23,24 +23,23 @@ import logging
 import os
 import random
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import ray
 import torch
 from ray import tune
-from ray.util.metrics import Gauge
 
 from trainables.data import Dataset, Loader, stratified_split
 from trainables.metrics import (accuracy, confusion_matrix, expected_calibration_error, per_class_scores, predictions,
                                 weight_l2)
 from trainables.models import create_model
 from trainables.optim import add_l2_penalty_grad, create_loss, create_optimizer, create_schedule
+from trainables.reporting import CHECKPOINT_FILE, current_trial_id, report
 
-CHECKPOINT_FILE = "state.pt"
 # What every report holds: the only metrics a searcher or a scheduler can compare trials by.
 EPOCH_METRICS = ("epoch", "train_loss", "train_acc", "train_loss_running", "train_acc_running", "val_loss",
                  "val_acc", "gen_gap", "weight_l2", "ece", "lr", "epoch_time_s", "samples_per_s")
@@ -100,33 +99,6 @@ def set_threads() -> None:
         torch.set_num_threads(max(1, int(cpus)))  # fractional CPUs (0.5) still get one thread
 
 
-# Exported live through Ray's Prometheus endpoint as ray_sweep_<name>, for the dashboard and Grafana.
-LIVE_METRICS = {
-    "epoch": "epochs finished",
-    "val_acc": "validation accuracy (fraction)",
-    "val_loss": "validation loss",
-    "train_loss": "training loss, mean over the epoch",
-    "samples_per_s": "training samples per second",
-}
-
-
-@functools.cache
-def live_gauges() -> dict[str, Gauge]:
-    """One gauge per live metric, created once per process (an actor Tune reuses runs several trials)."""
-    return {name: Gauge(f"sweep_{name}", description=meaning, tag_keys=("sweep", "arm", "trial"))
-            for name, meaning in LIVE_METRICS.items()}
-
-
-def export_live_metrics(metrics: dict[str, Any], arm: str) -> None:
-    """Set this trial's gauges, tagged by sweep, arm and trial id, to this epoch's values."""
-    if not ray.is_initialized():  # outside Ray (unit tests, benchmarks): no metrics agent to export to
-        return
-    context = tune.get_context()
-    tags = {"sweep": context.get_experiment_name(), "arm": arm, "trial": context.get_trial_id()}
-    for name, gauge in live_gauges().items():
-        gauge.set(float(metrics[name]), tags=tags)
-
-
 def training_split(dataset: Dataset, data: dict[str, Any], loaded_subset: int | None) -> tuple[np.ndarray, ...]:
     """The trial's training images: those loaded, or the stratified `data.train_subset` of them that its arm
     or the space asks for (validation and test stay the same for every trial)."""
@@ -182,24 +154,14 @@ def load_checkpoint(checkpoint: tune.Checkpoint | None, device: torch.device) ->
 
 
 def checkpoint_state(epoch: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule,
-                     scaler: torch.amp.GradScaler, loader: Loader) -> dict[str, Any]:
+                     scaler: torch.amp.GradScaler, loader: Loader, *, trial_id: str | None = None) -> dict[str, Any]:
     """Everything a trial needs to continue exactly: weights, optimizer, schedule, fp16 loss scale, RNGs; and
     which trial wrote it (PBT hands one trial's checkpoint to another)."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict() if schedule else None, "scaler": scaler.state_dict(),
             "loader_rng": loader.generator.get_state(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state() if loader.device.type == "cuda" else None, "epoch": epoch,
-            "trial_id": current_trial_id()}
-
-
-def current_trial_id() -> str | None:
-    """The Tune trial this process is running, or None outside a Tune trial."""
-    if not ray.is_initialized():
-        return None
-    try:
-        return tune.get_context().get_trial_id()
-    except RuntimeError:  # a Ray process that is not a trial
-        return None
+            "cuda_rng": torch.cuda.get_rng_state(loader.device) if loader.device.type == "cuda" else None,
+            "epoch": epoch, "trial_id": trial_id}
 
 
 HYPERPARAMETERS = ("lr", "weight_decay", "momentum", "nesterov", "betas", "eps", "alpha")  # torch's param_group keys
@@ -226,7 +188,7 @@ def restore_state(state: dict[str, Any], model: torch.nn.Module, optimizer: torc
     loader.generator.set_state(state["loader_rng"])
     torch.set_rng_state(state["torch_rng"])
     if loader.device.type == "cuda" and state.get("cuda_rng") is not None:  # dropout on the GPU draws from CUDA's
-        torch.cuda.set_rng_state(state["cuda_rng"])
+        torch.cuda.set_rng_state(state["cuda_rng"], loader.device)
     return state["epoch"] + 1
 
 
@@ -258,62 +220,90 @@ def train_sample(x: np.ndarray, y: np.ndarray, size: int, seed: int) -> tuple[np
     return x[keep], y[keep]
 
 
-def train_trial(config: dict[str, Any], *, base: dict[str, dict[str, Any]], dataset: Dataset) -> None:
-    """Ray Tune function trainable. See the module docstring for the contract."""
-    s = resolve_settings(base, config)
-    data, model_cfg, optim_cfg, train_cfg = s["data"], s["model"], s["optim"], s["train"]
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a "Checkpoint successfully created" per epoch
-    set_threads()
-    seed_everything(train_cfg["seed"])
-    device = pick_device(train_cfg["device"], assigned_gpus(), torch.cuda.is_available())
-    on_cuda = device.type == "cuda"
-    torch.backends.cudnn.benchmark = on_cuda and train_cfg["cudnn_benchmark"]
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train_cfg["amp"])
-    autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if on_cuda and amp_dtype else nullcontext
-    channels_last = on_cuda and train_cfg["channels_last"]
+class Report(NamedTuple):
+    """What a trial sends to Tune after an epoch: its metrics, a checkpoint writer (None: no checkpoint), and
+    whether this was its last report."""
+    metrics: dict[str, Any]
+    save: Callable[[str], None] | None
+    done: bool
 
-    image_size = data["resize"] or dataset.train_x.shape[-1]
-    model = create_model(model_cfg["name"], in_channels=dataset.train_x.shape[1], num_classes=dataset.num_classes,
-                         image_size=image_size, **{k: v for k, v in model_cfg.items() if k != "name"})
-    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    optimizer = create_optimizer(model.parameters(), **optim_cfg)
-    schedule = create_schedule(optimizer, schedule=optim_cfg["schedule"], milestones=optim_cfg["milestones"],
-                               gamma=optim_cfg["gamma"], step_size=optim_cfg["step_size"], epochs=train_cfg["epochs"])
-    loss_fn = create_loss(train_cfg["loss"])
-    scaler = torch.amp.GradScaler("cuda", enabled=on_cuda and amp_dtype is torch.float16)
 
-    common = dict(device=device, mean=dataset.mean, std=dataset.std, resize=data["resize"], channels_last=channels_last)
-    train_x, train_y = training_split(dataset, data, base["data"]["train_subset"])
-    train_loader = Loader(train_x, train_y, batch_size=data["batch_size"], shuffle=True,
-                          seed=train_cfg["seed"], augment=data["augment"], **common)
-    val_loader = Loader(dataset.val_x, dataset.val_y, batch_size=data["eval_batch_size"], **common)
-    # As many training images as validation ones, so train_acc and val_acc are equally noisy in gen_gap.
-    fit_loader = Loader(*train_sample(train_x, train_y, len(dataset.val_y), data["split_seed"]),
-                        batch_size=data["eval_batch_size"], **common)
+class Trial:
+    """One trial's model, optimizer, data and epoch bookkeeping, built from its resolved settings (and continued
+    from a checkpoint's state). `train_trial` trains it alone; a packed worker (`trainables.pack_worker`) trains
+    several at once and gives each its own share of the epoch; both then call `end_epoch`."""
 
-    start_epoch, copied = 1, {}
-    state = load_checkpoint(tune.get_checkpoint(), device)
-    if state:  # a retried or resumed trial continues where its last checkpoint left it; under PBT, another's
-        start_epoch = restore_state(state, model, optimizer, schedule, scaler, train_loader)
-        apply_hyperparameters(optimizer, optim_cfg)
-        if state.get("trial_id") not in (None, current_trial_id()):
-            copied = {"copied_from": state["trial_id"], "copied_epoch": state["epoch"]}  # said with the next report
+    def __init__(self, settings: dict[str, dict[str, Any]], dataset: Dataset, device: torch.device, *,
+                 loaded_subset: int | None, trial_id: str | None, state: dict[str, Any] | None = None):
+        data, model_cfg, optim_cfg, train_cfg = (settings[k] for k in ("data", "model", "optim", "train"))
+        self.data, self.optim_cfg, self.train_cfg, self.trial_id = data, optim_cfg, train_cfg, trial_id
+        seed_everything(train_cfg["seed"])
+        on_cuda = device.type == "cuda"
+        torch.backends.cudnn.benchmark = on_cuda and train_cfg["cudnn_benchmark"]
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train_cfg["amp"])
+        self.autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if on_cuda and amp_dtype else nullcontext
+        channels_last = on_cuda and train_cfg["channels_last"]
 
-    epochs = train_cfg["epochs"]
-    for epoch in range(start_epoch, epochs + 1):
-        t0 = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        running_loss, running_acc, seen = train_epoch(model, train_loader, optimizer, loss_fn, scaler=scaler,
-                                                      autocast=autocast, l2_penalty=optim_cfg["l2_penalty"])
-        epoch_time = time.perf_counter() - t0
-        if schedule:
-            schedule.step()
-        diverged = not np.isfinite(running_loss)
-        last = epoch == epochs or diverged
-        if not (last or epoch % train_cfg["report_every"] == 0):
-            continue  # an epoch between reports: no validation, nothing sent to Tune
-        val = evaluate(model, val_loader, loss_fn, dataset.num_classes, autocast)
-        fit = evaluate(model, fit_loader, loss_fn, dataset.num_classes, autocast)  # measured as val is
+        image_size = data["resize"] or dataset.train_x.shape[-1]
+        self.model = create_model(model_cfg["name"], in_channels=dataset.train_x.shape[1],
+                                  num_classes=dataset.num_classes, image_size=image_size,
+                                  **{k: v for k, v in model_cfg.items() if k != "name"})
+        self.model = self.model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        self.optimizer = create_optimizer(self.model.parameters(), **optim_cfg)
+        self.schedule = create_schedule(self.optimizer, schedule=optim_cfg["schedule"],
+                                        milestones=optim_cfg["milestones"], gamma=optim_cfg["gamma"],
+                                        step_size=optim_cfg["step_size"], epochs=train_cfg["epochs"])
+        self.loss_fn = create_loss(train_cfg["loss"])
+        self.scaler = torch.amp.GradScaler("cuda", enabled=on_cuda and amp_dtype is torch.float16)
+
+        common = dict(device=device, mean=dataset.mean, std=dataset.std, resize=data["resize"],
+                      channels_last=channels_last)
+        train_x, train_y = training_split(dataset, data, loaded_subset)
+        self.train_loader = Loader(train_x, train_y, batch_size=data["batch_size"], shuffle=True,
+                                   seed=train_cfg["seed"], augment=data["augment"], **common)
+        self.val_loader = Loader(dataset.val_x, dataset.val_y, batch_size=data["eval_batch_size"], **common)
+        # As many training images as validation ones, so train_acc and val_acc are equally noisy in gen_gap.
+        self.fit_loader = Loader(*train_sample(train_x, train_y, len(dataset.val_y), data["split_seed"]),
+                                 batch_size=data["eval_batch_size"], **common)
+        self.test_loader = (Loader(dataset.test_x, dataset.test_y, batch_size=data["eval_batch_size"], **common)
+                            if dataset.test_x is not None else None)
+        self.num_classes, self.classes = dataset.num_classes, list(dataset.classes)
+
+        self.epoch, self.diverged, self.copied = 0, False, {}  # epochs trained so far
+        if state:  # a retried or resumed trial continues where its last checkpoint left it; under PBT, another's
+            self.epoch = restore_state(state, self.model, self.optimizer, self.schedule, self.scaler,
+                                       self.train_loader) - 1
+            if state.get("trial_id") not in (None, trial_id):  # PBT: another trial's state, this trial's settings
+                apply_hyperparameters(self.optimizer, optim_cfg)
+                self.copied = {"copied_from": state["trial_id"], "copied_epoch": state["epoch"]}  # said at next report
+
+    @property
+    def finished(self) -> bool:
+        return self.diverged or self.epoch >= self.train_cfg["epochs"]
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def train_epoch(self) -> tuple[float, float, int]:
+        """One epoch of this trial alone: (mean training loss, accuracy, images seen)."""
+        return train_epoch(self.model, self.train_loader, self.optimizer, self.loss_fn, scaler=self.scaler,
+                           autocast=self.autocast, l2_penalty=self.optim_cfg["l2_penalty"])
+
+    def end_epoch(self, running_loss: float, running_acc: float, seen: int, epoch_time: float,
+                  lr: float) -> Report | None:
+        """Book an epoch just trained (at learning rate `lr`, taking `epoch_time` s): step the schedule, and on a
+        report epoch measure it. Returns what to report, or None between reports."""
+        self.epoch += 1
+        epoch = self.epoch
+        if self.schedule:
+            self.schedule.step()
+        self.diverged = not np.isfinite(running_loss)
+        last = self.finished
+        if not (last or epoch % self.train_cfg["report_every"] == 0):
+            return None  # an epoch between reports: no validation, nothing sent to Tune
+        val = evaluate(self.model, self.val_loader, self.loss_fn, self.num_classes, self.autocast)
+        fit = evaluate(self.model, self.fit_loader, self.loss_fn, self.num_classes, self.autocast)  # as val is
         metrics = {
             "epoch": epoch,
             "train_loss": fit["loss"],
@@ -323,30 +313,41 @@ def train_trial(config: dict[str, Any], *, base: dict[str, dict[str, Any]], data
             "val_loss": val["loss"],
             "val_acc": val["acc"],
             "gen_gap": fit["acc"] - val["acc"],
-            "weight_l2": weight_l2(model),
+            "weight_l2": weight_l2(self.model),
             "ece": val["ece"],
             "lr": lr,
             "epoch_time_s": epoch_time,
             "samples_per_s": seen / epoch_time,
-            "diverged": diverged,
-            **copied,
+            "diverged": self.diverged,
+            **self.copied,
         }
-        copied = {}
+        self.copied = {}
         if last:
             metrics["confusion_matrix"] = val["confusion"].tolist()
-            metrics["classes"] = list(dataset.classes)
+            metrics["classes"] = self.classes
             metrics.update({f"class_{k}": v for k, v in per_class_scores(val["confusion"]).items()})
-            if dataset.test_x is not None:  # a diverged trial too: its test score is a result
-                test_loader = Loader(dataset.test_x, dataset.test_y, batch_size=data["eval_batch_size"], **common)
-                test = evaluate(model, test_loader, loss_fn, dataset.num_classes, autocast)
+            if self.test_loader is not None:  # a diverged trial too: its test score is a result
+                test = evaluate(self.model, self.test_loader, self.loss_fn, self.num_classes, self.autocast)
                 metrics["test_loss"], metrics["test_acc"] = test["loss"], test["acc"]
-        if diverged or not (last or epoch % train_cfg["checkpoint_every"] == 0):
-            tune.report(metrics)
-        else:
-            with tempfile.TemporaryDirectory() as folder:
-                torch.save(checkpoint_state(epoch, model, optimizer, schedule, scaler, train_loader),
-                           os.path.join(folder, CHECKPOINT_FILE))
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-        export_live_metrics(metrics, config["arm"]["name"])
-        if diverged:
-            return
+        save = None
+        if not self.diverged and (last or epoch % self.train_cfg["checkpoint_every"] == 0):
+            state = checkpoint_state(epoch, self.model, self.optimizer, self.schedule, self.scaler, self.train_loader,
+                                     trial_id=self.trial_id)
+            save = functools.partial(torch.save, state)
+        return Report(metrics, save, last)
+
+
+def train_trial(config: dict[str, Any], *, base: dict[str, dict[str, Any]], dataset: Dataset) -> None:
+    """Ray Tune function trainable. See the module docstring for the contract."""
+    settings = resolve_settings(base, config)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a "Checkpoint successfully created" per epoch
+    set_threads()
+    device = pick_device(settings["train"]["device"], assigned_gpus(), torch.cuda.is_available())
+    trial = Trial(settings, dataset, device, loaded_subset=base["data"]["train_subset"],
+                  trial_id=current_trial_id(), state=load_checkpoint(tune.get_checkpoint(), device))
+    while not trial.finished:
+        t0, lr = time.perf_counter(), trial.lr
+        running_loss, running_acc, seen = trial.train_epoch()
+        result = trial.end_epoch(running_loss, running_acc, seen, time.perf_counter() - t0, lr)
+        if result:
+            report(result.metrics, result.save, config["arm"]["name"])
