@@ -85,7 +85,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_resume(args: argparse.Namespace) -> None:
-    from sweeps.runner import read_spec, resume_sweep, storage_uri
+    from sweeps.runner import check_object_store, read_spec, resume_sweep, storage_uri
+    check_object_store(storage_uri(args.results_dir), "resume")  # a missing bucket or refused credentials, said so
     spec = read_spec(storage_uri(args.results_dir))
     if spec.protocol:
         from sweeps.protocol import run_protocol

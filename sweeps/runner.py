@@ -576,17 +576,17 @@ def resume_sweep(results_dir: str, *, address: str | None = None, dashboard: boo
     continue from their last checkpoint (errored ones get one more try), the rest start.
     Raises SpecError before starting anything."""
     results_dir = storage_uri(results_dir)
-    spec = read_spec(results_dir)
     check_object_store(results_dir, "resume")
+    spec = read_spec(results_dir)
     if not work_left(results_dir, spec):
         say(f"{results_dir}: every trial has finished; nothing to resume")
         return results_dir
+    if spec.run.mlflow:
+        check_mlflow(spec.run.mlflow)
     dataset = prepare_data(spec)
     start_ray(address, dashboard=dashboard, storage=results_dir)
     if not address:
         check_local_fit(spec)
-    if spec.run.mlflow:
-        check_mlflow(spec.run.mlflow)
     say(f"resuming {spec.name} from {results_dir}")
     tuner = build_tuner(spec, dataset, storage=results_dir.rsplit("/", 1)[0], restore=results_dir)
     del dataset  # trials read the object store's copy; the driver's own would pay for the data twice

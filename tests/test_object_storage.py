@@ -19,24 +19,30 @@ def listing(env: dict, prefix: str) -> list[str]:
     return s3_objects(env["AWS_ENDPOINT_URL"], prefix)
 
 
-def test_a_bucket_that_does_not_exist_is_refused_before_anything_starts(tmp_path, tiny_spec, s3):
-    done = run_cli("run", str(write_spec(tmp_path, tiny_spec)), "--storage", "s3://nowhere/sweeps", env=s3)
+@pytest.mark.parametrize("verb", ["run", "resume"])
+def test_a_bucket_that_does_not_exist_is_refused_before_anything_starts(tmp_path, tiny_spec, s3, verb):
+    args = [str(write_spec(tmp_path, tiny_spec)), "--storage", "s3://nowhere/sweeps"] if verb == "run" else \
+        ["s3://nowhere/sweeps/tiny"]
+    done = run_cli(verb, *args, env=s3)
+    flag = "--storage s3://nowhere/sweeps" if verb == "run" else "resume s3://nowhere/sweeps/tiny"
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        "sweep: error: --storage s3://nowhere/sweeps: bucket nowhere does not exist; create it first"]
+        f"sweep: error: {flag}: bucket nowhere does not exist; create it first"]
     assert listing(s3, "nowhere") == [] and listing(s3, "sweeps") == []  # no bucket made, nothing written
 
 
-def test_refused_credentials_are_said_before_anything_starts(tmp_path, tiny_spec):
+@pytest.mark.parametrize("verb", ["run", "resume"])
+def test_refused_credentials_are_said_before_anything_starts(tmp_path, tiny_spec, verb):
     # moto checks credentials when asked to (INITIAL_NO_AUTH_ACTION_COUNT=0): these keys belong to nobody.
     process, endpoint = start_moto(tmp_path, INITIAL_NO_AUTH_ACTION_COUNT="0")
+    args = [str(write_spec(tmp_path, tiny_spec)), "--storage", "s3://sweeps/x"] if verb == "run" else ["s3://sweeps/x"]
     try:
-        done = run_cli("run", str(write_spec(tmp_path, tiny_spec)), "--storage", "s3://sweeps/x",
-                       env={**S3_CREDENTIALS, "AWS_ENDPOINT_URL": endpoint})
+        done = run_cli(verb, *args, env={**S3_CREDENTIALS, "AWS_ENDPOINT_URL": endpoint})
     finally:
         process.kill()
         process.wait()
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
-    assert "--storage s3://sweeps/x: the object store refused it (" in done.stderr
+    flag = "--storage" if verb == "run" else "resume"
+    assert f"{flag} s3://sweeps/x: the object store refused it (" in done.stderr
     assert "check the credentials" in done.stderr
 
 
