@@ -57,17 +57,21 @@ def pairwise(arms: dict[str, ArmSeeds], mode: str, alpha: float) -> list[Pair]:
 
     The family is all pairs, so with Holm's step-down the chance of any false "better" claim is at most
     alpha. A pair is tested only when both arms have a finite score on every seed they finished: testing
-    the survivors of an arm that lost seeds to divergence would judge it on its lucky seeds.
+    the survivors of an arm that lost seeds to divergence would judge it on its lucky seeds. A tested pair's
+    better arm is the one ahead on the seeds both finished (what the test compares), which need not be the
+    one whose own seeds average higher when some of its seeds did not finish.
     """
     sign = 1 if mode == "max" else -1
     pairs = []
     for a, b in itertools.combinations(arms, 2):
         if arms[b].key(sign) > arms[a].key(sign):
             a, b = b, a
+        lost = [arm for arm in (a, b) if not np.isfinite(arms[arm].values).all()]
         joined = pd.concat([arms[a].values, arms[b].values], axis=1, join="inner").to_numpy(float)
         finite = joined[np.isfinite(joined).all(axis=1)]
         diff = sign * float((finite[:, 0] - finite[:, 1]).mean()) if len(finite) else np.nan
-        lost = [arm for arm in (a, b) if not np.isfinite(arms[arm].values).all()]
+        if not lost and diff < 0:  # b is ahead where the two can be compared
+            a, b, diff, joined, finite = b, a, -diff, joined[:, ::-1], finite[:, ::-1]
         if lost:
             why, p = f"{' and '.join(lost)} has no finite score on some seeds (diverged)", np.nan
         else:
@@ -165,6 +169,8 @@ def protocol_tables(results_dir: Path, alpha: float = 0.05, target: float | None
             call = "top"
         elif vs_top is None or vs_top.why_not:
             call = "not tested" + (f": {vs_top.why_not}" if vs_top else "")
+        elif vs_top.significant and vs_top.better == arm:  # ranked below on its own seeds, ahead on the shared ones
+            call = f"better than {top} on the {vs_top.n} seeds both finished"
         else:
             call = "worse" if vs_top.significant else "no detectable difference"
         rows.append({

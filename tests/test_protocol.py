@@ -87,6 +87,17 @@ def test_survivors_of_a_diverging_arm_are_not_compared_alone():
     assert "lossy: 2 of 5 seeds diverged" in text
 
 
+def test_the_better_arm_of_a_pair_is_the_one_ahead_on_the_seeds_both_finished():
+    # steady's seeds 0 and 1 did not finish (failed): its own mean (0.91) is above lucky's (0.776), but on the
+    # seeds both finished lucky is ahead by 0.05, and that is what the test compares.
+    steady = ArmSeeds(pd.Series([0.90, 0.91, 0.92], index=[2, 3, 4]), pd.Series([False] * 3, index=[2, 3, 4]), 5)
+    lucky = seeds([0.50, 0.50, 0.951, 0.962, 0.968])
+    [pair] = pairwise({"steady": steady, "lucky": lucky}, "max", 0.05)
+    assert (pair.better, pair.worse, pair.n, pair.significant) == ("lucky", "steady", 3, True)
+    assert pair.mean_diff == pytest.approx(0.0503, abs=1e-4)
+    assert verdict(pair, "test_acc").startswith("lucky is better than steady: test_acc +0.0503 on average")
+
+
 def _protocol_dir(root, confirm: dict[str, list[tuple[float, bool]]], tune: dict[str, list[tuple[str, float]]]):
     """A protocol results directory: confirm[arm] = [(test_acc, diverged) per seed], tune[arm] = [(status, val_acc)]."""
     write_results_spec(root, {**spec_for("proto"), "protocol": {"confirm_seeds": 5, "alpha": 0.05}})
