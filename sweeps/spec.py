@@ -10,6 +10,7 @@ by its bare name (`lr`); a value is either fixed or a search domain such as `{lo
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import re
@@ -534,31 +535,41 @@ def size_notes(spec: Spec) -> list[str]:
     return notes
 
 
+MAX_SHAPE_CHECKS = 1024  # combinations of shape-changing domains tried at validation (each a meta-device pass)
+
+
 def _check_model_inputs(spec: Spec, base: dict, shared: dict[str, Value], arms: dict[str, dict[str, Value]]) -> None:
-    """Every arm's model must take its images: a forward pass on the meta device (no memory, no compute)."""
+    """Every arm's model must take its images: a forward pass on the meta device (no memory, no compute), for every
+    combination of the domains that shape it (model settings and data.resize; the first MAX_SHAPE_CHECKS)."""
     source = SOURCES[spec.data.name]
     for arm, own in arms.items():
         settings = {**shared, **own}
         shaped = {path: v.candidates() for path, v in settings.items() if isinstance(v, Domain)
                   and (path.startswith("model.") or path == "data.resize")}
-        # Every trial takes one candidate of each such domain: try each against the first of the others.
-        first = {**_fixed(settings), **{path: values[0] for path, values in shaped.items()}}
-        for path, candidate in [(None, None), *((p, c) for p, values in shaped.items() for c in values[1:])]:
-            s = apply_settings(base, {**first, **({path: candidate} if path else {})})
+        where = lambda path: f"arms.{arm}.{path}" if path in own else f"space.{path}"  # noqa: E731
+        for values in itertools.islice(itertools.product(*shaped.values()), MAX_SHAPE_CHECKS):
+            combination = dict(zip(shaped, values))
+            s = apply_settings(base, {**_fixed(settings), **combination})
             size = s["data"]["resize"] or source.shape[1]
             try:
                 problem = model_input_problem(source.shape[0], size, source.num_classes,
                                               json.dumps(s["model"], sort_keys=True))
             except ImportError as err:  # the model cannot be built here at all
                 raise ValueError(f"model.name: {err}") from None
-            if problem:  # name the field that made the mismatch: the arm's own setting before the shared one
-                field = path or next((k for k in ("model.name", "data.resize", *own) if k in own and
-                                      (k.startswith("model.") or k == "data.resize")), None) \
+            if not problem:
+                continue
+            # Name the domain values that make the mismatch (those off their first value), or else the fixed
+            # field behind it: the arm's own setting before the shared one.
+            chosen = [p for p, v in combination.items() if v != shaped[p][0]]
+            if chosen:
+                label = " with ".join(f"{where(p)}: {combination[p]!r}" for p in chosen)
+            else:
+                field = next((k for k in ("model.name", "data.resize", *own) if k in own and
+                              (k.startswith("model.") or k == "data.resize")), None) \
                     or ("data.resize" if s["data"]["resize"] else "model.name")
-                where = f"arms.{arm}" if field in own else "space" if field in shared else None
-                label = (f"{where}.{field}" if where else field) + (f": {candidate!r}" if path else "")
-                raise ValueError(f"{label}: model {s['model']['name']} cannot take {source.shape[0]}x{size}x{size} "
-                                 f"images ({problem})")
+                label = where(field) if field in settings else field
+            raise ValueError(f"{label}: model {s['model']['name']} cannot take {source.shape[0]}x{size}x{size} "
+                             f"images ({problem})")
 
 
 @functools.cache

@@ -61,6 +61,8 @@ BAD = [  # (spec changes, text the one-line error must contain)
      "arms.big.model.name: model alexnet cannot take 1x32x32 images"),
     ({"model__name": "alexnet_cifar", "arms": {"a": {"resize": {"grid": [32, 40]}}}},
      "arms.a.data.resize: 40: model alexnet_cifar cannot take 1x40x40 images"),
+    ({"space": {"model.name": {"choice": ["mlp", "alexnet"]}, "resize": {"choice": [64, 16]}}},  # each fine alone
+     "space.model.name: 'alexnet' with space.data.resize: 16: model alexnet cannot take 1x16x16 images"),
     ({"data__train_subset": 3700}, "data.train_subset: mnist5k has 3600 training images after the validation split"),
     ({"data__train_subset": 1900, "arms": {"a": {"train_subset": 2000}}},
      "arms.a.data.train_subset: 2000 is more than the 1900 training images the sweep loads"),
