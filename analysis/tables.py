@@ -72,12 +72,18 @@ def compare(results: Results) -> Comparison:
             notes.append("nothing reported yet" if pool.empty else "provisional: no trial finished; last reported values"
                          if running else f"every trial was stopped early (after {_epochs(pool['epochs_run'].max())} "
                          "at most): last reported values, ranked below rows with finished trials")
-        best_key, best_ids = (), []
+        best_key, best_ids, repeats = (), [], 0
         for _, config in pool.groupby(configs[pool.index], sort=False):
-            key = (unfinished is None, *rank_key(values[config.index], config["status"] == "diverged", sign))
+            # One replicate per seed: a configuration drawn twice (a small choice domain, a repeated TPE
+            # suggestion) ran the same trial twice, which is not a second seed.
+            once = config[~config[seeds].duplicated()] if seeds else config.iloc[:1]
+            key = (unfinished is None, *rank_key(values[once.index], once["status"] == "diverged", sign))
             if not best_ids or key > best_key:
-                best_key, best_ids = key, config.index.tolist()
+                best_key, best_ids, repeats = key, once.index.tolist(), len(config) - len(once)
         best = summarize(values[best_ids])
+        if repeats:
+            notes.append(f"its best configuration ran {repeats} more time{'s' * (repeats > 1)} with a seed it already "
+                         "had: counted once")
         missing = len(best_ids) - best.n  # finished seeds whose value is not finite (a diverged loss)
         all_diverged = bool(best_ids) and not best_key[1]
         if all_diverged:

@@ -250,6 +250,16 @@ def test_a_seed_without_a_finite_value_ranks_its_arm_below_complete_ones():
     assert "1 of 3 seeds have no finite val_loss (diverged)" in table.loc["lucky", "note"]
 
 
+def test_a_configuration_drawn_twice_is_one_replicate_per_seed():
+    # Random search over a small choice domain (or TPE repeating a suggestion) can run one configuration twice
+    # with the same seed: that is the same trial again, not a second seed, and would shrink its CI for nothing.
+    results = _results({"twice": [0.90, 0.90, 0.95], "other": [0.91, 0.92, 0.93]})
+    results.trials.loc[results.trials["trial_id"] == "twice1", "train.seed"] = 0  # seed 0 of that configuration again
+    row = compare(results).table.set_index("arm").loc["twice"]
+    assert row["n_seeds"] == 2 and row["val_acc_mean"] == pytest.approx(0.925) and row["n_trials"] == 3
+    assert "its best configuration ran 1 more time with a seed it already had: counted once" in row["note"]
+
+
 def test_a_row_ranked_on_fewer_seeds_says_so():
     results = _results({"few": [0.99, 0.98], "many": [0.90, 0.91, 0.92, 0.90, 0.91]})
     table = compare(results).table.set_index("arm")
