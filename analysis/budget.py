@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.results import FINISHED, Results, ResultsError, _read_spec, load_results
-from analysis.stats import expected_best, expected_best_band, paired_power, seeds_needed
+from analysis.stats import expected_best, expected_best_band, no_spread, paired_power, seeds_needed
 from analysis.tables import ALPHA, Comparison, compare, display, seed_columns
 
 TUNING_ASSUMES = ("Expected best of n trials: the mean of the best over every n-subset of the arm's N finished "
@@ -131,9 +131,11 @@ def plan_seeds(arms: dict[str, pd.Series], effect: float, *, alpha: float, power
         joined = pd.concat([arms[a], arms[b]], axis=1, join="inner").to_numpy(float)
         both = joined[np.isfinite(joined).all(axis=1)]
         diffs = both[:, 0] - both[:, 1]
-        sd = float(np.std(diffs, ddof=1)) if len(diffs) >= 2 else np.nan
+        # as paired_test sees it: differences equal up to rounding have no spread to plan from
+        sd = (0.0 if no_spread(diffs, float(np.max(np.abs(both), initial=0))) else float(np.std(diffs, ddof=1))) \
+            if len(diffs) >= 2 else np.nan
         plans.append(SeedPlan(a, b, len(diffs), sd, level, paired_power(effect, sd, len(diffs), level),
-                              seeds_needed(effect, sd, level, power) if np.isfinite(sd) else None))
+                              seeds_needed(effect, sd, level, power) if sd > 0 else None))
     return plans
 
 
@@ -163,8 +165,10 @@ def plan_report(results_dir: str | Path, effect: float, power: float = 0.8) -> s
     plans = plan_seeds(seeds_by_row(results, compare(results), metric), effect, alpha=alpha, power=power)
     measured = [p for p in plans if np.isfinite(p.sd_diff) and p.sd_diff > 0]
     if not measured:
-        raise ResultsError(f"{directory}: no two arms have 2 or more finished seeds to pair yet, so the spread "
-                           "between seeds is unknown; plan once each arm has finished at least 2 seeds")
+        raise ResultsError(f"{directory}: no two arms have 2 or more finished seeds to pair yet" +
+                           (" whose paired differences vary (each pair differs by the same amount on every seed)"
+                            if any(p.n_now >= 2 for p in plans) else "") +
+                           ", so the spread between seeds is unknown; plan once each arm has finished at least 2 seeds")
     table = pd.DataFrame([p._asdict() for p in measured]).drop(columns="level")
     table["seeds_needed"] = [">100,000" if n is None else str(n) for n in table["seeds_needed"]]
     head = (f"Paired seeds to detect a true difference of {effect:g} in {metric} with {power:.0%} power, from the "

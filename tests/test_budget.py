@@ -128,6 +128,9 @@ def test_plan_needs_more_seeds_for_a_smaller_effect_and_says_how_it_counted(tmp_
     arms = {a: pd.Series([0.9 + d for d in rng.normal(0, 0.01, 5)]) for a in "ab"}
     [plan] = plan_seeds(arms, 0.01, alpha=0.05)
     assert plan.seeds_needed == seeds_needed(0.01, plan.sd_diff, 0.05) and plan.n_now == 5
+    # Differences constant up to rounding (0.93 - 0.92 on every seed) are no spread, as for the verdicts.
+    [flat] = plan_seeds({"a": pd.Series([0.93, 0.94, 0.95]), "b": pd.Series([0.92, 0.93, 0.94])}, 0.01, alpha=0.05)
+    assert (flat.sd_diff, flat.seeds_needed) == (0.0, None) and np.isnan(flat.power_now)
 
 
 # --- time to target ---------------------------------------------------------------------------------------
