@@ -53,7 +53,10 @@ def cmd_validate(args: argparse.Namespace) -> None:
     print(f"  search     {spec.search.algorithm}, num_samples {spec.search.num_samples}{per_arm}, "
           f"{', '.join(f'{m} ({o})' for m, o in zip(spec.search.metrics, spec.search.modes))}")
     print(f"  scheduler  {spec.scheduler.plan(spec.train.epochs)}")
-    print(f"  resources  {spec.resources.cpu:g} CPU, {spec.resources.gpu:g} GPU per trial")
+    r = spec.resources
+    print(f"  resources  {r.cpu:g} CPU, {r.gpu:g} GPU per trial" + (
+        f"; packed: up to {r.pack} trials that share their shapes train as one model in one worker, each trial "
+        f"asking for {r.cpu / r.pack:g} CPU, {r.gpu / r.pack:g} GPU" if r.pack > 1 else ""))
     print(f"  trials     {sum(trials.values())}")
     width = max(14, *map(len, trials))
     for arm, settings in spec.arm_settings().items():

@@ -192,16 +192,12 @@ def build_tuner(spec: Spec, dataset: Dataset, *, storage: str, restore: str | No
     and verbosity it was started with). `verbose`: Tune's own tables instead of our progress display.
     `experiment`: the MLflow experiment's name (default: the spec's). `warm`: earlier trials for the Optuna
     searcher (`sweeps.space.warm_start_trials`)."""
-    from trainables.train import train_trial
-
     # Tune snapshots its state after every checkpoint (what keeps `sweep resume` exact) and warns that
     # this is frequent; for epochs of seconds it is the intended cadence, not a problem.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # TensorBoard cannot take the list-valued results (confusion matrix, classes); result.json keeps them.
     logging.getLogger("ray.tune.logger.tensorboardx").setLevel(logging.ERROR)
-    trainable = trial_actor(tune.with_resources(
-        tune.with_parameters(train_trial, base=spec.base_settings(), dataset=dataset),
-        {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}))
+    trainable = trainable_for(spec, dataset)
     if restore:
         return tune.Tuner.restore(restore, trainable=trainable, resume_unfinished=True, resume_errored=True)
 
@@ -229,6 +225,26 @@ def build_tuner(spec: Spec, dataset: Dataset, *, storage: str, restore: str | No
             callbacks=callbacks(spec, scheduler, storage=storage, verbose=verbose, experiment=experiment),
             verbose=1 if verbose else 0),
     )
+
+
+def trainable_for(spec: Spec, dataset: Dataset):
+    """Tune's trainable: each trial trains in its own actor, or, with `resources.pack` K > 1, each is a light actor
+    asking for 1/K of a trial's resources whose epochs a packed worker trains (`trainables.pack_worker`)."""
+    r = spec.resources
+    if r.pack == 1:
+        from trainables.train import train_trial
+
+        train = tune.with_parameters(train_trial, base=spec.base_settings(), dataset=dataset)
+    else:
+        import ray
+
+        from trainables.member import train_member
+        from trainables.pack_worker import PackManager
+
+        manager = PackManager.remote([ray.put(dataset)], base=spec.base_settings(), capacity=r.pack,
+                                     threads=max(1, int(r.cpu)))
+        train = tune.with_parameters(train_member, manager=manager)
+    return trial_actor(tune.with_resources(train, {"cpu": r.cpu / r.pack, "gpu": r.gpu / r.pack}))
 
 
 def checkpoints_kept(spec: Spec) -> int | None:
@@ -447,9 +463,9 @@ def trial_actor(train_fn) -> type:
                 newer = sorted(info.path for info in fs.get_file_info(pyarrow.fs.FileSelector(parent))
                                if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_")
                                and info.base_name > name)
-                if newer:
-                    say(f"{self.trial_name}: {name} is gone, superseded by {newer[-1].rsplit('/', 1)[1]}; "
-                        f"resuming from that (copied to {name})")
+                if newer:  # printed here, not with `say`: this class must not import the runner (and torch)
+                    print(f"[sweep] {self.trial_name}: {name} is gone, superseded by {newer[-1].rsplit('/', 1)[1]}; "
+                          f"resuming from that (copied to {name})", file=sys.stderr, flush=True)
                     fs.create_dir(recorded.path)  # a local copy needs its folder
                     pyarrow.fs.copy_files(newer[-1], recorded.path, source_filesystem=fs, destination_filesystem=fs)
             return super().restore(checkpoint_path)

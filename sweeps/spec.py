@@ -308,6 +308,7 @@ class Scheduler(Strict):
 class Resources(Strict):
     cpu: float = Field(1.0, gt=0)                       # CPUs per trial (also the trial's torch threads)
     gpu: float = Field(0.0, ge=0)                       # GPUs per trial; fractions share one GPU
+    pack: PositiveInt = 1                               # trials trained as one vectorised model (1: off); see README
 
 
 class Run(Strict):
@@ -495,6 +496,10 @@ def _check_devices(spec: Spec, base: dict, shared: dict[str, Value], arms: dict[
             where = f"arms.{arm}.train.device" if "train.device" in own else "train.device"
             raise ValueError(f"{where}: 'cuda' needs a GPU for each trial; set resources.gpu (a fraction shares one "
                              "GPU between trials) or use device: auto")
+        amp = {**shared, **own}.get("train.amp", spec.train.amp)
+        if spec.resources.pack > 1 and "fp16" in _candidates(amp):
+            raise ValueError("resources.pack: fp16's loss scale would be one for the whole pack, so one member's "
+                             "overflow would skip every member's step; use train.amp: bf16, or resources.pack: 1")
 
 
 def _candidates(value: Value) -> list[Any]:
@@ -556,6 +561,11 @@ def _check_model_inputs(spec: Spec, base: dict, shared: dict[str, Value], arms: 
                                               json.dumps(s["model"], sort_keys=True))
             except ImportError as err:  # the model cannot be built here at all
                 raise ValueError(f"model.name: {err}") from None
+            if not problem and spec.resources.pack > 1:
+                problem = pack_problem(source.shape[0], size, source.num_classes, json.dumps(s["model"], sort_keys=True))
+                if problem:
+                    raise ValueError(f"resources.pack: {spec.resources.pack} trains trials together, but model "
+                                     f"{s['model']['name']} cannot be packed ({problem}); set resources.pack: 1")
             if not problem:
                 continue
             # Name the domain values that make the mismatch (those off their first value), or else the fixed
@@ -589,6 +599,29 @@ def model_input_problem(channels: int, size: int, num_classes: int, model_json: 
     except (RuntimeError, ValueError) as err:
         return str(err).strip().splitlines()[0]
     return None
+
+
+@functools.cache
+def pack_problem(channels: int, size: int, num_classes: int, model_json: str) -> str | None:
+    """Why the model section `model_json` cannot be trained packed, or None when it can: two of them as one
+    `trainables.packed.PackedModel` on the meta device."""
+    import torch
+
+    from trainables.models import create_model
+    from trainables.packed import PackedModel, unpackable
+
+    model = json.loads(model_json)
+    name = model.pop("name")
+    with torch.device("meta"):
+        nets = [create_model(name, in_channels=channels, num_classes=num_classes, image_size=size, **model)
+                for _ in range(2)]
+        problem = unpackable(nets[0])
+        if problem is None:
+            try:
+                PackedModel(nets)(torch.empty(2, 2, channels, size, size))
+            except (RuntimeError, ValueError) as err:
+                problem = str(err).strip().splitlines()[0]
+    return problem
 
 
 def first_error(err: ValidationError, prefix: tuple = ()) -> tuple[str, str]:

@@ -87,12 +87,14 @@ def test_a_loaded_optimizer_takes_this_trials_settings_not_the_saved_ones():
 
 
 @pytest.mark.slow
-def test_pbt_copies_within_an_arm_and_the_copy_trains_with_its_explored_lr(tmp_path, tiny_spec):
+@pytest.mark.parametrize("pack", [1, 4])  # packed: a member leaves its pack and joins again with the copied state
+def test_pbt_copies_within_an_arm_and_the_copy_trains_with_its_explored_lr(tmp_path, tiny_spec, pack):
     tiny_spec.update(train={"epochs": 6},
                      arms={"sgd": {"optimizer": "sgd", "lr": {"loguniform": [1.0e-4, 1.0]}},
                            "adam": {"optimizer": "adam", "lr": {"loguniform": [1.0e-5, 1.0e-1]}}},
                      search={"algorithm": "random", "num_samples": 4},
-                     scheduler={"name": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5})
+                     scheduler={"name": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5},
+                     resources={"cpu": 1, "pack": pack})
     done = run_cli("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path), "--no-dashboard")
     assert done.returncode == 0, done.stderr[-3000:]
     root = tmp_path / "tiny"

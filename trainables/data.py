@@ -255,7 +255,7 @@ class Loader:
                  mean: np.ndarray, std: np.ndarray, resize: int | None = None, augment: dict | None = None,
                  shuffle: bool = False, seed: int = 0, channels_last: bool = False):
         self.device = torch.device(device)
-        self.x, self.y = _to_device(x, self.device), _to_device(y, self.device).long()
+        self.x, self.y = to_device(x, self.device), to_device(y, self.device).long()
         self.mean = torch.as_tensor(mean, dtype=torch.float32).to(self.device)
         self.std = torch.as_tensor(std, dtype=torch.float32).to(self.device)
         self.batch_size, self.resize, self.shuffle, self.channels_last = batch_size, resize, shuffle, channels_last
@@ -283,8 +283,11 @@ class Loader:
             yield x, self.y[index]
 
 
-def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Wrap `array` without copying (a no-op on CPU), then move it to `device` once."""
+def to_device(array: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Wrap `array` without copying (a no-op on CPU), then move it to `device` once; a tensor already there stays
+    as it is (a packed worker's members share one copy of the data)."""
+    if isinstance(array, torch.Tensor):
+        return array.to(device, non_blocking=True)
     # Arrays from Ray's object store are read-only; torch warns, but we only ever index them, never write.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")

@@ -1,0 +1,326 @@
+"""Packed trials (`resources.pack`): a member of a pack trains as the same trial would alone, epoch by epoch, for
+every optimizer; Tune's schedulers treat members as trials; a packed sweep resumes; members stay light actors."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import REPO, run_cli, trial_results, trial_settings, write_spec
+from sweeps.spec import SpecError, validate_spec
+from trainables.data import load_dataset
+from trainables.optim import add_l2_penalty_grad, create_optimizer
+from trainables.packed import PackedModel, PackedOptimizer, pack_key, packed_epoch
+from trainables.train import Trial
+
+# Per-member settings for each optimizer: weight decay, momentum, nesterov, betas, eps, the L2 penalty and schedules.
+MEMBERS = {
+    "sgd": [{"lr": 0.1}, {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3},
+            {"lr": 0.02, "momentum": 0.8, "nesterov": True, "l2_penalty": 1e-3, "schedule": "step", "step_size": 1,
+             "gamma": 0.5}],
+    "rmsprop": [{"lr": 1e-3}, {"lr": 5e-4, "momentum": 0.5, "alpha": 0.9, "eps": 1e-6, "weight_decay": 1e-4,
+                               "l2_penalty": 1e-3}],
+    "adam": [{"lr": 1e-3}, {"lr": 3e-3, "betas": [0.8, 0.99], "eps": 1e-7, "weight_decay": 1e-3, "schedule": "cosine"}],
+    "adamw": [{"lr": 1e-3, "weight_decay": 0.1}, {"lr": 2e-3, "weight_decay": 0.01, "l2_penalty": 1e-3,
+                                                  "schedule": "exponential", "gamma": 0.7}],
+}
+COMPARED = ("train_loss_running", "train_acc_running", "train_loss", "val_loss", "val_acc", "weight_l2", "ece", "lr")
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("kind", MEMBERS)
+def test_the_packed_optimizer_steps_as_torch_optim_does(kind):
+    # In float64, so that only a different algorithm could tell the two apart: 30 steps, every member its own
+    # hyperparameters; the state goes back in torch's own format (what checkpoints hold).
+    def nets():
+        torch.manual_seed(1)
+        return [nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double() for _ in MEMBERS[kind]]
+
+    settings = [{k: v for k, v in m.items() if k not in ("l2_penalty", "schedule", "step_size", "gamma")}
+                for m in MEMBERS[kind]]
+    l2 = [m.get("l2_penalty", 0.0) for m in MEMBERS[kind]]
+    alone, packed = nets(), nets()
+    torch_opts = [create_optimizer(m.parameters(), optimizer=kind, **s) for m, s in zip(alone, settings)]
+    packed_opts = [create_optimizer(m.parameters(), optimizer=kind, **s) for m, s in zip(packed, settings)]
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        x = torch.randn(len(alone), 4, 1, 2, 3, dtype=torch.float64, generator=rng)
+        for k, (model, opt) in enumerate(zip(alone, torch_opts)):
+            opt.zero_grad()
+            model(x[k]).pow(2).sum().backward()
+            add_l2_penalty_grad(model.parameters(), l2[k])
+            opt.step()
+        pack = PackedModel(packed)
+        step = PackedOptimizer(pack, packed_opts, kind, l2)
+        pack(x).pow(2).sum().backward()
+        step.step()
+        pack.write_back()
+        step.write_back()
+    for a, b in zip(alone, packed):
+        for p, q in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    for a, b in zip(torch_opts, packed_opts):
+        sa, sb = a.state_dict()["state"], b.state_dict()["state"]
+        assert {i: sorted(s) for i, s in sa.items() if s} == {i: sorted(s) for i, s in sb.items() if s}
+        for i in sa:
+            for key, value in sa[i].items():
+                torch.testing.assert_close(sb[i][key], value, rtol=1e-12, atol=1e-14)
+
+
+TINY = {"name": "p", "data": {"name": "mnist5k", "train_subset": 600, "batch_size": 50},
+        "model": {"name": "mlp", "hidden_sizes": [64, 32]}, "train": {"epochs": 2}, "arms": {"a": {}}}
+
+
+def _trials(spec: dict, kind: str, loss: str, data) -> list[Trial]:
+    base = {"optim.optimizer": kind, "train.loss": loss}
+    return [Trial(trial_settings(spec, {**base, "train.seed": seed, **{f"optim.{k}": v for k, v in member.items()}}),
+                  data, CPU, loaded_subset=len(data.train_y), trial_id=f"t{seed}")
+            for seed, member in enumerate(MEMBERS[kind])]
+
+
+def _epoch_alone(trial: Trial) -> dict:
+    lr = trial.lr
+    return trial.end_epoch(*trial.train_epoch(), 1.0, lr).metrics
+
+
+def _epoch_packed(trials: list[Trial]) -> list[dict]:
+    lrs = [t.lr for t in trials]
+    return [t.end_epoch(*stats, 1.0, lr).metrics for t, stats, lr in zip(trials, packed_epoch(trials), lrs)]
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("kind", MEMBERS)
+def test_a_packed_member_trains_as_it_would_alone(kind, loss):
+    torch.set_num_threads(1)
+    data = load_dataset("mnist5k", train_subset=600)
+    alone, packed = _trials(TINY, kind, loss, data), _trials(TINY, kind, loss, data)
+    for epoch in range(2):
+        for a, p in zip([_epoch_alone(t) for t in alone], _epoch_packed(packed)):
+            assert a["epoch"] == p["epoch"] == epoch + 1
+            # float32 sums in another order: a few parts in a million apart (the algorithms themselves agree to
+            # 1e-12 in float64, above). A chaotic member can amplify that: RMSprop on MSE at lr 3e-3, momentum 0.9
+            # ended 2 epochs 0.2% apart, so these members train in a sane regime.
+            for key in COMPARED:
+                assert p[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (kind, loss, epoch, key)
+
+
+def test_a_packed_cnn_with_pools_matches_its_members_alone():
+    # The convolution path: grouped convolutions with K groups, pools on (B, K*C, H, W), then batched matmuls.
+    torch.set_num_threads(1)
+    spec = {**TINY, "data": {"name": "synthetic", "batch_size": 50, "train_subset": 300},
+            "model": {"name": "lenet_cifar"}}
+    data = load_dataset("synthetic", train_subset=300)
+    alone, packed = _trials(spec, "sgd", "cross_entropy", data), _trials(spec, "sgd", "cross_entropy", data)
+    for a, p in zip([_epoch_alone(t) for t in alone], _epoch_packed(packed)):
+        for key in COMPARED:
+            assert p[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+
+
+def test_dropout_draws_differ_from_member_to_member():
+    torch.manual_seed(0)
+    same = nn.Sequential(nn.Flatten(), nn.Linear(8, 64), nn.Dropout(0.5), nn.Linear(64, 2))
+    pack = PackedModel([same, same])
+    pack.train()
+    out = pack(torch.ones(2, 3, 1, 2, 4))  # one model twice, one input twice: only the dropout masks differ
+    assert not torch.allclose(out[0], out[1])
+    pack.eval()
+    out = pack(torch.ones(3, 1, 2, 4))  # a shared batch, as evaluation passes it
+    torch.testing.assert_close(out[0], out[1])
+
+
+def _state(report) -> dict:
+    buffer = io.BytesIO()
+    report.save(buffer)
+    return torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+
+
+def test_a_packed_members_checkpoint_is_an_ordinary_trials_and_resumes_alone():
+    torch.set_num_threads(1)
+    data = load_dataset("mnist5k", train_subset=600)
+    spec = {**TINY, "train": {"epochs": 3}}
+    packed, reference = _trials(spec, "adam", "cross_entropy", data), _trials(spec, "adam", "cross_entropy", data)
+    _epoch_packed(packed)
+    lrs = [t.lr for t in packed]
+    state = _state([t.end_epoch(*stats, 1.0, lr) for t, stats, lr in zip(packed, packed_epoch(packed), lrs)][1])
+    alone = _trials(spec, "adam", "cross_entropy", data)[1]
+    lr = alone.lr
+    alone_state = _state(alone.end_epoch(*alone.train_epoch(), 1.0, lr))
+    assert set(state) == set(alone_state) and state["epoch"] == 2 and state["trial_id"] == "t1"
+    assert state["optimizer"]["param_groups"][0].keys() == alone_state["optimizer"]["param_groups"][0].keys()
+    settings = trial_settings(spec, {"optim.optimizer": "adam", "train.seed": 1,
+                                     **{f"optim.{k}": v for k, v in MEMBERS["adam"][1].items()}})
+    resumed = Trial(settings, data, CPU, loaded_subset=600, trial_id="t1", state=state)  # alone, from the pack's state
+    assert resumed.epoch == 2
+    on = _epoch_alone(resumed)
+    for _ in range(2):
+        _epoch_packed(reference)
+    expected = _epoch_packed(reference)[1]  # the same member, packed to the end
+    assert on["epoch"] == expected["epoch"] == 3
+    for key in COMPARED:
+        assert on[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"model": {"name": "overparam_cnn"}},
+     "resources.pack: 2 trains trials together, but model overparam_cnn cannot be packed (it has a BatchNorm2d layer"),
+    ({"model": {"name": "alexnet"}, "data": {"name": "mnist5k", "resize": 64}},
+     "resources.pack: 2 trains trials together, but model alexnet cannot be packed (AlexNet is not a sequence of layers"),
+    ({"train": {"amp": "fp16"}}, "resources.pack: fp16's loss scale would be one for the whole pack"),
+])
+def test_what_cannot_be_packed_is_refused_at_validation(changes, message):
+    with pytest.raises(SpecError) as err:
+        validate_spec({**TINY, "resources": {"pack": 2}, **changes}, "spec.yaml")
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_pack_key_ignores_exactly_the_members_own_settings():
+    one = trial_settings(TINY, {"optim.lr": 0.1, "train.seed": 0, "optim.momentum": 0.9, "optim.schedule": "cosine"})
+    other = trial_settings(TINY, {"optim.lr": 0.5, "train.seed": 3, "train.epochs": 7, "optim.l2_penalty": 1e-3})
+    assert pack_key(one) == pack_key(other)
+    for differs in ({"data.batch_size": 25}, {"optim.optimizer": "adam"}, {"model.hidden_sizes": [64, 16]},
+                    {"train.loss": "mse"}):
+        assert pack_key(trial_settings(TINY, differs)) != pack_key(one), differs
+
+
+# --- real sweeps ---------------------------------------------------------------------------------------------
+
+def sweep_spec(pack: int, **changes) -> dict:
+    return {"name": "pk", "data": {"name": "mnist5k", "train_subset": 800, "batch_size": 50},
+            "model": {"name": "mlp", "hidden_sizes": [64]}, "train": {"epochs": 4},
+            "arms": {"sgd": {"optimizer": "sgd", "momentum": 0.9, "lr": {"loguniform": [0.01, 0.5]}},
+                     "adam": {"optimizer": "adam", "lr": {"loguniform": [1.0e-4, 1.0e-2]}}},
+            "search": {"algorithm": "random", "num_samples": 4, "metric": "val_loss", "mode": "min"},
+            "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+            "resources": {"cpu": 1, "pack": pack}, **changes}
+
+
+def by_config(results_dir) -> dict[tuple, dict[int, dict]]:
+    """(arm, lr) -> epoch -> that epoch's row; and the trial id beside each row."""
+    out = {}
+    for name, rows in trial_results(results_dir).items():
+        arm = rows[0]["config"]["arm"]
+        out[(arm["name"], round(arm["optim.lr"], 12))] = {r["epoch"]: r for r in rows}
+    return out
+
+
+def asha_rungs(results_dir) -> list[tuple[int, dict[str, float]]]:
+    """ASHA's rungs as the sweep left them: (epoch, {trial id: reward}), in the order results reached it."""
+    [state] = results_dir.glob("callback-states-*.pkl")
+    with open(state, "rb") as f:
+        scheduler = pickle.load(f)[0]["scheduler"]  # sweeps.runner.SchedulerState, the first callback
+    return scheduler["_brackets"][0]._rungs
+
+
+@pytest.mark.slow
+def test_a_packed_sweep_trains_each_trial_as_alone_and_asha_stops_the_trials_it_would_stop_alone(tmp_path):
+    runs = {}  # the same trials alone and run to the end (a reference for every epoch), and packed under ASHA
+    for pack, scheduler in ((1, {"name": "fifo"}), (4, {"name": "asha", "grace_period": 1, "reduction_factor": 2})):
+        done = run_cli("run", str(write_spec(tmp_path, sweep_spec(pack, scheduler=scheduler), f"pack{pack}.yaml")),
+                       "--storage", str(tmp_path / f"pack{pack}"), "--no-dashboard")
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[pack] = tmp_path / f"pack{pack}" / "pk"
+    alone, packed = by_config(runs[1]), by_config(runs[4])
+    assert alone.keys() == packed.keys() and len(packed) == 8  # the same configurations, drawn in the driver
+    compared = 0
+    for config, epochs in packed.items():
+        for epoch in epochs:
+            for key in COMPARED:
+                assert epochs[epoch][key] == pytest.approx(alone[config][epoch][key], rel=1e-4, abs=1e-6), (config, key)
+            compared += 1
+    assert compared >= 8
+    # ASHA decides on the results in the order they reach it, and packing changes that order (a pack's members
+    # report together). Replayed in the packed sweep's order, the trials' scores alone stop exactly the trials
+    # the packed sweep stopped: ASHA treated each member as the trial it is.
+    trial_config = {r["trial_id"]: config for config, rows in packed.items() for r in rows.values()}
+    stopped = {tid for tid, config in trial_config.items() if max(packed[config]) < 4}
+    predicted = set()
+    for milestone, recorded in asha_rungs(runs[4]):
+        earlier = []
+        for trial_id, _ in recorded.items():
+            reward = -alone[trial_config[trial_id]][milestone]["val_loss"]  # mode min: ASHA keeps -val_loss
+            cutoff = np.nanpercentile(earlier, 50) if earlier else None  # reduction factor 2: the top half goes on
+            if cutoff is not None and reward < cutoff:
+                predicted.add(trial_id)
+            earlier.append(reward)
+    assert stopped and predicted == stopped
+
+
+@pytest.mark.slow
+def test_a_killed_packed_sweep_resumes_finished_members_unchanged_the_rest_from_their_checkpoints(tmp_path):
+    from test_reliability import kill_group, start_sweep, wait_for
+
+    spec = sweep_spec(4, data={"name": "mnist5k", "batch_size": 50}, model={"name": "mlp", "hidden_sizes": [512]},
+                      arms={"short": {"optimizer": "sgd", "lr": 0.05, "epochs": 2, "seed": {"grid": [0, 1]}},
+                            "long": {"optimizer": "adam", "lr": 0.001, "epochs": 6, "seed": {"grid": [0, 1]}}},
+                      search={"algorithm": "grid"}, scheduler={"name": "fifo"})
+    results = tmp_path / "pk"
+    driver = start_sweep(tmp_path / "run.log", "run", str(write_spec(tmp_path, spec)), "--storage", str(tmp_path))
+
+    def moment():  # both short trials finished, the long ones midway
+        assert driver.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+        last = {n: rows[-1]["epoch"] for n, rows in trial_results(results).items() if rows}
+        return sorted(e for n, e in last.items() if n.startswith("short")) == [2, 2] and \
+            len([e for n, e in last.items() if n.startswith("long") and e >= 3]) == 2
+    try:
+        wait_for(moment)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        kill_group(driver)
+    at_kill = {name: (results / name / "result.json").read_bytes() for name in trial_results(results)}
+    last_before = {n: rows[-1]["epoch"] for n, rows in trial_results(results).items()}
+    time.sleep(5)  # the orphaned actors notice their raylet is gone and exit
+
+    resumed = run_cli("resume", str(results), "--no-dashboard")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    trials = trial_results(results)
+    for name, rows in trials.items():
+        epochs = [r["epoch"] for r in rows]
+        if name.startswith("short"):
+            assert (results / name / "result.json").read_bytes() == at_kill[name], "finished members stay as they were"
+            continue
+        assert sorted(set(epochs)) == list(range(1, 7)) and epochs == sorted(epochs), epochs
+        after = [r for r in rows if r["pid"] != rows[0]["pid"]]  # reported by the resumed sweep's actors
+        assert after and 2 <= after[0]["epoch"] - 1 <= last_before[name], "it goes on from a checkpoint, not epoch 1"
+        assert after[0]["iterations_since_restore"] == 1
+    report = pd.read_csv(results / "report" / "trials.csv")
+    assert (report["status"] == "completed").all() and len(report) == 4
+
+
+@pytest.mark.slow
+def test_a_packed_trials_actor_stays_light(tmp_path):
+    # K members are K actors: each would pay seconds and hundreds of MB to import torch. The trainable Tune ships
+    # to them (the actor class, the member function and its parameters) must not import it.
+    script = f"""
+import sys, ray
+from ray import cloudpickle
+sys.path.insert(0, {str(REPO)!r})
+from sweeps.runner import trainable_for
+from sweeps.spec import validate_spec
+from trainables.data import load_dataset
+ray.init(address="local", num_cpus=1, include_dashboard=False, configure_logging=False)
+blob = cloudpickle.dumps(trainable_for(validate_spec({sweep_spec(4)!r}, "s"), load_dataset("digits")))
+
+@ray.remote
+def load(blob):
+    import sys
+    before = "torch" in sys.modules
+    cloudpickle.loads(blob)
+    return before, "torch" in sys.modules
+
+print(ray.get(load.remote(blob)))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "(False, False)"
