@@ -229,7 +229,7 @@ def build_tuner(spec: Spec, dataset: Dataset, *, storage: str, restore: str | No
 
 def trainable_for(spec: Spec, dataset: Dataset):
     """Tune's trainable: each trial trains in its own actor, or, with `resources.pack` K > 1, each is a light actor
-    asking for 1/K of a trial's resources whose epochs a packed worker trains (`trainables.pack_worker`)."""
+    asking for 1/K of a trial's resources whose epochs a pack worker trains (`trainables.member`)."""
     r = spec.resources
     if r.pack == 1:
         from trainables.train import train_trial
@@ -238,8 +238,7 @@ def trainable_for(spec: Spec, dataset: Dataset):
     else:
         import ray
 
-        from trainables.member import train_member
-        from trainables.pack_worker import PackManager
+        from trainables.member import PackManager, train_member
 
         manager = PackManager.remote([ray.put(dataset)], base=spec.base_settings(), capacity=r.pack,
                                      threads=max(1, int(r.cpu)))

@@ -5,7 +5,7 @@ Every trial's config has the same shape, whichever searcher made it:
 The `arm` dict holds the arm's name and every setting of this configuration (the arm's own and the
 shared space's); `train.seed`, the replicate, sits beside it (or inside it, when the arm has its own
 seeds). The trainable lays these dotted settings over the spec's sections
-(`trainables.train.resolve_settings`).
+(`trainables.settings.resolve_settings`).
 
 Seeds are replicates, never searched: a configuration is drawn once and trained with every seed of the
 seed grid, so "mean over seeds" is the mean of one configuration, not the best of many.

@@ -25,7 +25,8 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativ
 from trainables.data import DATASETS, SOURCES, split_sizes
 from trainables.models import MODELS
 from trainables.optim import OPTIMIZERS
-from trainables.train import EPOCH_METRICS, FINAL_METRICS, apply_settings
+from trainables.settings import apply_settings
+from trainables.train import EPOCH_METRICS, FINAL_METRICS
 
 MAX_TRIALS = 10_000  # a spec that expands past this is almost certainly a typo (e.g. a grid of grids)
 

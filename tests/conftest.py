@@ -42,7 +42,7 @@ def trial_results(results_dir: Path) -> dict[str, list[dict]]:
 def trial_settings(spec: dict, flat: dict | None = None) -> dict:
     """The resolved settings a trial of `spec` trains with, dotted `flat` settings (`optim.lr`) laid over them."""
     from sweeps.spec import validate_spec
-    from trainables.train import apply_settings
+    from trainables.settings import apply_settings
 
     return apply_settings(validate_spec(spec, "test").base_settings(), flat or {})
 

@@ -14,7 +14,10 @@ evaluation and reports are the unpacked trial's own code and a packed member's c
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import io
+import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,15 +26,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import vmap
 
+from trainables.data import Dataset, to_device
+from trainables.settings import resolve_settings
+from trainables.train import Trial, load_checkpoint, training_split
+
 ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.Dropout, nn.Identity)  # any layout
 POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)  # per channel, on (B, K*C, H, W)
-
-# Settings each member has for itself; every other setting must match for trials to share a pack.
-MEMBER_SETTINGS = {"train.seed", "train.epochs", "train.report_every", "train.checkpoint_every", "optim.lr",
-                   "optim.weight_decay", "optim.momentum", "optim.nesterov", "optim.betas", "optim.eps",
-                   "optim.alpha", "optim.l2_penalty", "optim.schedule", "optim.milestones", "optim.gamma",
-                   "optim.step_size"}
-
 
 def unpackable(model: nn.Module) -> str | None:
     """Why `model` cannot be packed, or None when it can: a sequence of Linear, Conv2d, element-wise, pooling and
@@ -49,13 +49,6 @@ def unpackable(model: nn.Module) -> str | None:
         if not isinstance(layer, (nn.Linear, nn.Conv2d, nn.Flatten, *ELEMENTWISE, *POOLS)):
             return f"it has a {type(layer).__name__} layer"
     return None
-
-
-def pack_key(settings: dict[str, dict[str, Any]]) -> str:
-    """What trials must share to train in one pack: every setting but the members' own (MEMBER_SETTINGS)."""
-    shared = {section: {k: v for k, v in values.items() if f"{section}.{k}" not in MEMBER_SETTINGS}
-              for section, values in settings.items()}
-    return json.dumps(shared, sort_keys=True, default=str)
 
 
 def _packed_layout(layer: nn.Module, name: str) -> bool:
@@ -135,34 +128,36 @@ class PackedModel(nn.Module):
 
 class PackedOptimizer:
     """One step of K members' optimizers at once, each with its own hyperparameters, matching torch.optim's sgd
-    (momentum, nesterov), rmsprop, adam and adamw step for step: their single-tensor algorithms, with every
-    scalar a per-member tensor. States come from the members' torch optimizers and go back to them
-    (`write_back`) in torch's own format, so a member's checkpoint is an ordinary trial's."""
+    (momentum, nesterov), rmsprop, adam and adamw step for step: their single-tensor algorithms, with each
+    hyperparameter a Python number where the members agree (the very ops torch runs) and a per-member tensor
+    where they differ. States come from the members' torch optimizers and go back to them (`write_back`) in
+    torch's own format, so a member's checkpoint is an ordinary trial's."""
 
     def __init__(self, model: PackedModel, optimizers: Sequence[torch.optim.Optimizer], kind: str,
                  l2_penalties: Sequence[float]):
         self.model, self.optimizers, self.kind = model, list(optimizers), kind
         groups = [opt.param_groups[0] for opt in self.optimizers]
-        device = model.stacked[0].device
-
-        def per_member(values) -> torch.Tensor:  # float64: torch computes these scalars in Python doubles
-            return torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-
-        self.lr = per_member(g["lr"] for g in groups)
-        self.weight_decay = per_member(g["weight_decay"] for g in groups)
-        self.l2_penalty = per_member(l2_penalties)
-        self.momentum = per_member(g.get("momentum", 0.0) for g in groups)
-        self.nesterov = torch.tensor([bool(g.get("nesterov", False)) for g in groups], device=device)
-        self.eps = per_member(g.get("eps", 0.0) for g in groups)
-        self.alpha = per_member(g.get("alpha", 0.0) for g in groups)
-        self.beta1 = per_member(g.get("betas", (0.0, 0.0))[0] for g in groups)
-        self.beta2 = per_member(g.get("betas", (0.0, 0.0))[1] for g in groups)
+        self.values = {  # per member, as Python floats
+            "lr": [g["lr"] for g in groups],
+            # the coupled decays add to the gradient: L2 penalty (2 * l2 * w, trainables.optim) and, but for adamw,
+            # weight decay (torch adds them one after the other; one fused add differs by rounding only)
+            "coupled": [2 * l2 + (0.0 if kind == "adamw" else g["weight_decay"]) for g, l2 in zip(groups, l2_penalties)],
+            "decoupled": [1 - g["lr"] * g["weight_decay"] if kind == "adamw" else 1.0 for g in groups],
+            "momentum": [g.get("momentum", 0.0) for g in groups],
+            "alpha": [g.get("alpha", 0.0) for g in groups],
+            "eps": [g.get("eps", 0.0) for g in groups],
+            "beta1": [g.get("betas", (0.0, 0.0))[0] for g in groups],
+            "beta2": [g.get("betas", (0.0, 0.0))[1] for g in groups],
+        }
+        self.nesterov = [bool(g.get("nesterov", False)) for g in groups]
         # The state torch keeps per parameter (absent before a member's first step: zeros, step 0).
-        self.keys = {"sgd": ["momentum_buffer"], "rmsprop": ["square_avg", "momentum_buffer"],
-                     "adam": ["exp_avg", "exp_avg_sq"], "adamw": ["exp_avg", "exp_avg_sq"]}[kind]
+        self.keys = {"sgd": ["momentum_buffer"] if any(self.values["momentum"]) else [],
+                     "rmsprop": ["square_avg", "momentum_buffer"], "adam": ["exp_avg", "exp_avg_sq"],
+                     "adamw": ["exp_avg", "exp_avg_sq"]}[kind]
         self.state = [{key: self._stack(i, key) for key in self.keys} for i in range(len(model.stacked))]
-        self.steps = [per_member(float(opt.state[m[i]].get("step", 0)) for opt, m in zip(self.optimizers, model.members))
-                      for i in range(len(model.stacked))]
+        first = [m[0] for m in model.members]  # a member's parameters all step together: one count each
+        self.steps = [int(opt.state[p].get("step", 0)) for opt, p in zip(self.optimizers, first)]
+        self.shaped: dict[tuple, float | torch.Tensor] = {}
 
     def _stack(self, slot: int, key: str) -> torch.Tensor:
         members = self.model.members
@@ -170,58 +165,85 @@ class PackedOptimizer:
                             else torch.zeros_like(self.model.stacked[slot][0])
                             for opt, m in zip(self.optimizers, members)])
 
+    def _h(self, values: Sequence[float], like: torch.Tensor, name: str = "") -> float | torch.Tensor:
+        """`values` (one per member) as one Python number when they agree, else a tensor broadcasting over `like`."""
+        if all(v == values[0] for v in values):
+            return float(values[0])
+        key = (name, like.dim()) if name else None
+        if key not in self.shaped or not name:
+            shaped = torch.tensor(values, dtype=torch.float64).to(like.device, like.dtype)
+            shaped = shaped.view(-1, *[1] * (like.dim() - 1))
+            if not name:
+                return shaped
+            self.shaped[key] = shaped
+        return self.shaped[key]
+
     @staticmethod
-    def _each(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """A per-member scalar shaped to broadcast over stacked tensors like `like`, in its dtype."""
-        return values.to(like.dtype).view(-1, *[1] * (like.dim() - 1))
+    def _add(target: torch.Tensor, tensor: torch.Tensor, scale: float | torch.Tensor) -> None:
+        """target += scale * tensor, in one op."""
+        if isinstance(scale, float):
+            target.add_(tensor, alpha=scale)
+        else:
+            target.addcmul_(tensor, scale)
 
     @torch.no_grad()
     def step(self) -> None:
+        v, kind = self.values, self.kind
+        self.steps = [n + 1 for n in self.steps]
         for slot, param in enumerate(self.model.stacked):
-            each = lambda values: self._each(values, param)  # noqa: E731
-            grad = param.grad
-            if self.l2_penalty.any():  # seed 004's coupled L2 on every parameter (trainables.optim.add_l2_penalty_grad)
-                grad = grad + each(2 * self.l2_penalty) * param
-            state, step = self.state[slot], self.steps[slot]
-            step += 1
-            if self.kind == "adamw":
-                param.mul_(each(1 - self.lr * self.weight_decay))
-            elif self.weight_decay.any():
-                grad = grad + each(self.weight_decay) * param
-            if self.kind == "sgd":
-                buffer = state["momentum_buffer"].mul_(each(self.momentum)).add_(grad)  # = grad at the first step
-                if self.momentum.any():
-                    nesterov = self.nesterov.view(-1, *[1] * (param.dim() - 1))
-                    grad = torch.where(nesterov, grad + each(self.momentum) * buffer, buffer)
-                param.sub_(each(self.lr) * grad)
-            elif self.kind == "rmsprop":
-                square_avg = state["square_avg"].mul_(each(self.alpha)).add_(each(1 - self.alpha) * grad * grad)
-                avg = square_avg.sqrt().add_(each(self.eps))
-                buffer = state["momentum_buffer"].mul_(each(self.momentum)).add_(grad / avg)  # = grad/avg at m=0
-                param.sub_(each(self.lr) * buffer)
+            h = lambda name: self._h(v[name], param, name)  # noqa: E731
+            grad, state = param.grad, self.state[slot]
+            if any(v["coupled"]):
+                self._add(grad, param, h("coupled"))
+            if kind == "adamw":
+                param.mul_(h("decoupled"))
+            if kind == "sgd":
+                if any(v["momentum"]):
+                    buffer = state["momentum_buffer"].mul_(h("momentum")).add_(grad)  # = grad at the first step
+                    if all(self.nesterov):
+                        grad = grad.add(buffer * h("momentum"))
+                    elif any(self.nesterov):
+                        nesterov = torch.tensor(self.nesterov, device=param.device).view(-1, *[1] * (param.dim() - 1))
+                        grad = torch.where(nesterov, grad + buffer * h("momentum"), buffer)
+                    else:
+                        grad = buffer
+                self._add(param, grad, self._h([-x for x in v["lr"]], param, "neg_lr"))
+            elif kind == "rmsprop":
+                square_avg = state["square_avg"].mul_(h("alpha"))
+                self._add(square_avg, grad * grad, self._h([1 - a for a in v["alpha"]], param, "one_minus_alpha"))
+                avg = square_avg.sqrt().add_(h("eps"))
+                if any(v["momentum"]):
+                    buffer = state["momentum_buffer"].mul_(h("momentum")).addcdiv_(grad, avg)  # = grad/avg at m=0
+                    self._add(param, buffer, self._h([-x for x in v["lr"]], param, "neg_lr"))
+                else:
+                    self._add(param, grad / avg, self._h([-x for x in v["lr"]], param, "neg_lr"))
             else:  # adam, adamw
-                exp_avg = state["exp_avg"].lerp_(grad, each(1 - self.beta1))
-                exp_avg_sq = state["exp_avg_sq"].mul_(each(self.beta2)).add_(each(1 - self.beta2) * grad * grad)
-                step_size = self.lr / (1 - self.beta1 ** step)
-                correction2_sqrt = (1 - self.beta2 ** step).sqrt()
-                denom = (exp_avg_sq.sqrt() / each(correction2_sqrt)).add_(each(self.eps))
-                param.sub_(each(step_size) * (exp_avg / denom))
+                exp_avg = state["exp_avg"].lerp_(grad, self._h([1 - b for b in v["beta1"]], param, "one_minus_b1"))
+                exp_avg_sq = state["exp_avg_sq"].mul_(h("beta2"))
+                self._add(exp_avg_sq, grad * grad, self._h([1 - b for b in v["beta2"]], param, "one_minus_b2"))
+                # bias corrections in Python doubles, as torch computes them
+                step_size = self._h([-lr / (1 - b1 ** n) for lr, b1, n in zip(v["lr"], v["beta1"], self.steps)], param)
+                correction2 = self._h([math.sqrt(1 - b2 ** n) for b2, n in zip(v["beta2"], self.steps)], param)
+                denom = (exp_avg_sq.sqrt() / correction2).add_(h("eps"))
+                if isinstance(step_size, float):
+                    param.addcdiv_(exp_avg, denom, value=step_size)
+                else:
+                    param.addcdiv_(exp_avg * step_size, denom)
 
     @torch.no_grad()
     def write_back(self) -> None:
         """Each member's optimizer state, in torch's format, back into its own optimizer."""
         for k, (opt, member) in enumerate(zip(self.optimizers, self.model.members)):
             opt._opt_called = True  # what torch's LR schedules check to know that the optimizer stepped
-            momentum = float(self.momentum[k])
+            if self.steps[k] == 0:
+                continue  # never stepped: torch has no state for it yet either
+            keys = [key for key in self.keys if key != "momentum_buffer" or self.values["momentum"][k] != 0]
             for slot, param in enumerate(member):
-                if self.steps[slot][k] == 0:
-                    continue  # never stepped: torch has no state for it yet either
-                keys = [key for key in self.keys if key != "momentum_buffer" or momentum != 0]
                 if not keys:
                     continue  # plain SGD keeps no state
                 opt.state[param] = {key: self.model._out(self.state[slot][key][k], slot).clone() for key in keys}
                 if self.kind != "sgd":
-                    opt.state[param]["step"] = torch.tensor(float(self.steps[slot][k]), dtype=torch.float32)
+                    opt.state[param]["step"] = torch.tensor(float(self.steps[k]), dtype=torch.float32)
 
 
 def packed_epoch(trials: Sequence[Any]) -> list[tuple[float, float, int]]:
@@ -252,3 +274,46 @@ def packed_epoch(trials: Sequence[Any]) -> list[tuple[float, float, int]]:
     model.write_back()
     optimizer.write_back()
     return [(loss, acc, seen) for loss, acc in zip((loss_sum / seen).tolist(), (correct / seen).tolist())]
+
+
+# --- what a pack worker (trainables.member.PackWorker) runs in its own process ----------------------------------
+
+def member_trial(source: Dataset, on_device: dict, base: dict[str, dict[str, Any]], config: dict[str, Any],
+                 checkpoint, device: str, trial_id: str) -> Trial:
+    """A pack's member as an ordinary Trial (continued from its checkpoint), its training images on `device` once
+    per worker: `on_device` keeps the split per data settings, which every member of a pack shares."""
+    settings = resolve_settings(base, config)
+    split = (settings["data"]["train_subset"], settings["data"]["split_seed"])
+    if split not in on_device:
+        on_device.clear()  # a worker that went on to another pack key
+        x, y = training_split(source, settings["data"], base["data"]["train_subset"])
+        arrays = dict(train_x=x, train_y=y, val_x=source.val_x, val_y=source.val_y, test_x=source.test_x,
+                      test_y=source.test_y)
+        on_device[split] = dataclasses.replace(source, **{k: None if v is None else to_device(v, torch.device(device))
+                                                           for k, v in arrays.items()})
+    # Every member shares that subset, so training_split gives it back as it is.
+    return Trial(settings, on_device[split], torch.device(device), loaded_subset=base["data"]["train_subset"],
+                 trial_id=trial_id, state=load_checkpoint(checkpoint, torch.device(device)))
+
+
+def train_round(batch: dict[str, Trial]) -> dict[str, tuple[dict[str, Any], bytes | None, bool] | None]:
+    """One epoch of every member in `batch` (trial id -> Trial), together. Each member's report (metrics, its
+    checkpoint file's bytes or None, whether it was its last), or None for an epoch between its reports."""
+    trials = list(batch.values())
+    lrs = [t.lr for t in trials]
+    start = time.perf_counter()
+    stats = packed_epoch(trials)
+    epoch_time = time.perf_counter() - start  # the pack's: each member reports its share of images in it
+    reports = {}
+    for trial_id, trial, lr, (loss, acc, seen) in zip(batch, trials, lrs, stats):
+        result = trial.end_epoch(loss, acc, seen, epoch_time, lr)
+        if result is None:
+            reports[trial_id] = None
+            continue
+        checkpoint = None
+        if result.save is not None:
+            buffer = io.BytesIO()
+            result.save(buffer)
+            checkpoint = buffer.getvalue()
+        reports[trial_id] = (result.metrics, checkpoint, result.done)
+    return reports
