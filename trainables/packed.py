@@ -186,6 +186,14 @@ class PackedOptimizer:
         else:
             target.addcmul_(tensor, scale)
 
+    @staticmethod
+    def _add_product(target: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float | torch.Tensor) -> None:
+        """target += scale * a * b, in one op where `scale` is one number (torch's addcmul_)."""
+        if isinstance(scale, float):
+            target.addcmul_(a, b, value=scale)
+        else:
+            target.addcmul_(a * scale, b)
+
     @torch.no_grad()
     def step(self) -> None:
         v, kind = self.values, self.kind
@@ -210,7 +218,7 @@ class PackedOptimizer:
                 self._add(param, grad, self._h([-x for x in v["lr"]], param, "neg_lr"))
             elif kind == "rmsprop":
                 square_avg = state["square_avg"].mul_(h("alpha"))
-                self._add(square_avg, grad * grad, self._h([1 - a for a in v["alpha"]], param, "one_minus_alpha"))
+                self._add_product(square_avg, grad, grad, self._h([1 - a for a in v["alpha"]], param, "one_minus_alpha"))
                 avg = square_avg.sqrt().add_(h("eps"))
                 if any(v["momentum"]):
                     buffer = state["momentum_buffer"].mul_(h("momentum")).addcdiv_(grad, avg)  # = grad/avg at m=0
@@ -220,15 +228,15 @@ class PackedOptimizer:
             else:  # adam, adamw
                 exp_avg = state["exp_avg"].lerp_(grad, self._h([1 - b for b in v["beta1"]], param, "one_minus_b1"))
                 exp_avg_sq = state["exp_avg_sq"].mul_(h("beta2"))
-                self._add(exp_avg_sq, grad * grad, self._h([1 - b for b in v["beta2"]], param, "one_minus_b2"))
+                self._add_product(exp_avg_sq, grad, grad, self._h([1 - b for b in v["beta2"]], param, "one_minus_b2"))
                 # bias corrections in Python doubles, as torch computes them
                 step_size = self._h([-lr / (1 - b1 ** n) for lr, b1, n in zip(v["lr"], v["beta1"], self.steps)], param)
                 correction2 = self._h([math.sqrt(1 - b2 ** n) for b2, n in zip(v["beta2"], self.steps)], param)
                 denom = (exp_avg_sq.sqrt() / correction2).add_(h("eps"))
                 if isinstance(step_size, float):
                     param.addcdiv_(exp_avg, denom, value=step_size)
-                else:
-                    param.addcdiv_(exp_avg * step_size, denom)
+                else:  # members' learning rates differ: fold each one's step size into its (fresh) denominator
+                    param.addcdiv_(exp_avg, denom.div_(step_size))
 
     @torch.no_grad()
     def write_back(self) -> None:
