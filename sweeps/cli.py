@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from analysis import ResultsError
-from sweeps.spec import SpecError, SweepFailed, bundled_specs, count_trials, load_spec, size_notes
+from sweeps.spec import SpecError, SweepFailed, bundled_specs, count_trials, load_spec, run_notes
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -64,7 +64,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
         print(f"    {arm:{width}s} {trials[arm]:5d}  {shown}")
     for key, value in spec.space_settings().items():
         print(f"  space      {key} = {_show(value)}")
-    for note in [*spec.notes, *size_notes(spec)]:
+    for note in [*spec.notes, *run_notes(spec)]:
         print(f"  note       {note}")
 
 

@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sweeps.runner import (SPEC_FILE, build_tuner, check_failures, check_local_fit, check_mlflow, new_results_dir,
-                           prepare_data, read_spec, say, sizes_said, start_ray, storage_uri, warm_start,
-                           write_text)
+                           notes_said, prepare_data, read_spec, say, start_ray, storage_uri, warm_start, write_text)
 from sweeps.spec import Spec, SpecError, count_trials, dump_spec, validate_spec
 
 TUNE, CONFIRM = "tune", "confirm"
@@ -91,7 +90,7 @@ def run_protocol(spec: Spec, *, storage: str | None = None, address: str | None 
         check_mlflow(spec.run.mlflow)
     warm = None if resume else warm_start(spec)
     dataset = prepare_data(spec)
-    spec.notes = [*spec.notes, *sizes_said(spec)] if not resume else spec.notes
+    spec.notes = [*spec.notes, *notes_said(spec)] if not resume else spec.notes
     start_ray(address, dashboard=dashboard, storage=str(results_dir))
     if not address:
         check_local_fit(spec)

@@ -23,7 +23,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from sweeps.cluster import check_shared_storage, token_hint, use_token_if_found
 from sweeps.space import PerArmOptuna, param_space
-from sweeps.spec import Spec, SpecError, SweepFailed, count_trials, dump_spec, size_notes, validate_spec
+from sweeps.spec import Spec, SpecError, SweepFailed, count_trials, dump_spec, run_notes, validate_spec
 from trainables.data import DataError, Dataset, load_dataset
 
 SPEC_FILE = "spec.yaml"
@@ -570,7 +570,7 @@ def run_sweep(spec: Spec, *, storage: str | None = None, address: str | None = N
     dataset = prepare_data(spec)
     if spec.smoke and dataset.note:
         spec.notes = [*spec.notes, dataset.note]
-    spec.notes = [*spec.notes, *sizes_said(spec)]
+    spec.notes = [*spec.notes, *notes_said(spec)]
     if spec.scheduler.name in ("asha", "hyperband") and not spec.scheduler.max_t:
         spec.scheduler.max_t = max_epochs(spec)  # the spec as run states the rung ladder in full
     start_ray(address, dashboard=dashboard, storage=storage)
@@ -654,9 +654,9 @@ def warm_start(spec: Spec) -> dict | None:
     return warm
 
 
-def sizes_said(spec: Spec) -> list[str]:
-    """Say what the sizes mean for this run (a batch larger than the training split); returns the notes."""
-    notes = size_notes(spec)
+def notes_said(spec: Spec) -> list[str]:
+    """Say what the user should know before this run (`sweeps.spec.run_notes`); returns the notes."""
+    notes = run_notes(spec)
     for note in notes:
         say(f"note: {note}")
     return notes

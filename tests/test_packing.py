@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from conftest import REPO, run_cli, trial_results, trial_settings, write_spec
-from sweeps.spec import SpecError, validate_spec
+from sweeps.spec import SpecError, run_notes, validate_spec
 from trainables.data import load_dataset
 from trainables.optim import add_l2_penalty_grad, create_optimizer
 from trainables.member import pack_key
@@ -186,6 +186,13 @@ def test_what_cannot_be_packed_is_refused_at_validation(changes, message):
     with pytest.raises(SpecError) as err:
         validate_spec({**TINY, "resources": {"pack": 2}, **changes}, "spec.yaml")
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_pack_without_a_gpu_is_said_to_be_slower():
+    notes = run_notes(validate_spec({**TINY, "resources": {"pack": 4}}, "spec.yaml"))
+    assert any(n.startswith("resources.pack: 4 without a GPU: packing is for GPUs") for n in notes)
+    assert not any("resources.pack" in n for n in run_notes(validate_spec({**TINY, "resources": {"pack": 4, "gpu": 1}},
+                                                                          "spec.yaml")))
 
 
 def test_the_pack_key_ignores_exactly_the_members_own_settings():

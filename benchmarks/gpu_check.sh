@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The GPU check of packed trials, prepared to run in one go on one GPU node (under 8 minutes on one GPU of the
+# H100/H200 class): packed against unpacked sweeps of the quickstart MLP and the small CNN (lenet_cifar), with the
+# GPU settings that exist without packing (fractional GPUs, AMP bf16/fp16, channels_last), in one table.
+#
+#   benchmarks/gpu_check.sh            # from the repository root, in an environment where `pip install -e .` ran
+#
+# Every row is a real `sweep run` of 64 trials x 3 epochs (benchmarks/bench_pack.py). The first row of each model is
+# today's sweep: one trial per GPU at a time. "gpu=0.125" shares the GPU between 8 trial processes; "pack=K" trains
+# K trials as one model in one worker on the whole GPU, each trial asking for 1/K of it. Target: packed >= 10x the
+# unpacked sweep's epochs/s for the MLP.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python - <<'PY'
+import torch
+assert torch.cuda.is_available(), "no CUDA device: this check needs a GPU"
+print(f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+PY
+cpus=$(python -c "import os; print(max(1, os.cpu_count() // 2))")
+python benchmarks/bench_pack.py --nets mlp,cnn --trials 64 --epochs 3 --variants \
+"gpu=1;gpu=0.125;gpu=0.125,amp=bf16;gpu=0.125,amp=fp16;gpu=0.125,channels_last=true;\
+pack=8,gpu=1,cpu=${cpus};pack=64,gpu=1,cpu=${cpus};pack=64,gpu=1,cpu=${cpus},amp=bf16"
