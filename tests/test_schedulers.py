@@ -16,7 +16,7 @@ import torch
 from conftest import run_cli, trial_results, write_spec
 from results_fixtures import curve_rows, spec_for, write_trial
 from results_fixtures import write_spec as write_results_spec
-from sweeps.space import PerArmOptuna, warm_start_trials
+from sweeps.space import ArmExplorer, PerArmOptuna, warm_start_trials
 from sweeps.spec import SpecError, validate_spec
 from test_search import LR, OPTIMUM, decades_from_optimum, drive, objective, optuna_spec
 from trainables.models import create_model
@@ -70,6 +70,27 @@ def test_validate_shows_each_schedulers_plan():
 
 # --- PBT: the copied trial trains with its new settings ------------------------------------------------------
 
+def test_pbt_explores_within_each_arms_domains():
+    spec = validate_spec({**BASE, "arms": {"a": {"lr": {"loguniform": [1.0e-3, 1.0e-1]}, "batch_size": {"choice": [16, 32, 64]},
+                                                 "seed": {"grid": [0, 1]}},
+                                           "b": {"lr": {"loguniform": [1.0e-5, 1.0e-4]}}},
+                          "scheduler": {"name": "pbt", "resample_probability": 0.3}}, "spec.yaml")
+    explore = ArmExplorer(spec)
+    seen_batches = set()
+    for arm, lr, low, high in (("a", 0.09, 1.0e-3, 1.0e-1), ("b", 1.1e-5, 1.0e-5, 1.0e-4)):
+        config = {"arm": {"name": arm, "optim.lr": lr, "data.batch_size": 32, "train.seed": 1}}
+        for _ in range(200):
+            config = explore(config)
+            assert low <= config["arm"]["optim.lr"] <= high  # never outside the arm's own domain
+            assert config["arm"]["train.seed"] == 1  # a replicate, never explored
+            if arm == "a":
+                seen_batches.add(config["arm"]["data.batch_size"])
+                assert config["arm"]["data.batch_size"] in (16, 32, 64)
+            else:
+                assert "data.batch_size" not in config["arm"] or config["arm"]["data.batch_size"] == 32
+    assert seen_batches == {16, 32, 64}  # a choice moves to its neighbours (or is drawn anew)
+
+
 def test_a_loaded_optimizer_takes_this_trials_settings_not_the_saved_ones():
     # After a PBT copy the optimizer state is another trial's: load_state_dict would bring back its lr.
     model = create_model("mlp", in_channels=1, num_classes=10, image_size=8, hidden_sizes=[4])
@@ -121,6 +142,8 @@ def test_pbt_copies_within_an_arm_and_the_copy_trains_with_its_explored_lr(tmp_p
         assert copy.epoch == copy.copied_epoch + 1 and copy.copied_epoch in source  # it goes on from that epoch
         # It trains with the lr PBT explored, not the source's lr that came back with the optimizer's state.
         assert any(copy.lr_after == pytest.approx(lr) for lr in explored), (copy, explored)
+        low, high = {"sgd": (1.0e-4, 1.0), "adam": (1.0e-5, 1.0e-1)}[copy.arm]
+        assert low <= copy.lr_after <= high  # explored within the arm's own domain
         assert copy.lr_after != pytest.approx(source[copy.copied_epoch]["lr"]) or copy.lr_after in bounds
     page = (root / "report" / "report.html").read_text()
     assert 'id="figure-pbt"' in page
