@@ -144,6 +144,8 @@ def test_a_sweep_whose_every_trial_fails_exits_1_saying_where_to_look(tmp_path, 
     assert line.startswith("sweep: error: all 2 trials failed; the first error is in ")
     error_file = Path(line.split(" is in ")[1])
     assert error_file.name == "error.txt" and error_file.is_file() and "allocate" in error_file.read_text()
+    # The short console leaves Tune's error reports alone: the traceback prints in full.
+    assert "Traceback (most recent call last):" in done.stderr and "can't allocate memory" in done.stderr
 
 
 def test_same_spec_and_seed_give_identical_metrics(tmp_path, tiny_spec):

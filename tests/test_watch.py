@@ -51,6 +51,8 @@ def test_the_quickstart_in_a_pipe_is_short_and_says_how_each_trial_ended(tmp_pat
     assert done.returncode == 0, done.stderr[-3000:]
     lines = (done.stdout + done.stderr).splitlines()
     assert len(lines) < 150, "\n".join(lines)
+    plan = [line for line in done.stderr.splitlines() if line.startswith("[sweep] quickstart: 20 trials (")]
+    assert len(plan) == 1 and f"results in {tmp_path / 'quickstart'}" in plan[0]  # the plan, one line
     ended = [line for line in done.stderr.splitlines() if TRIAL_LINE.match(line)]
     assert len(ended) == 20  # one line per trial, and only one
     assert any(re.search(r"quickstart: 20 of 20 trials done \(\d+ stopped early\), 0 running, 0 failed; "
@@ -97,15 +99,20 @@ def journal_trials(results_dir: Path) -> dict[str, list[optuna.trial.FrozenTrial
 
 
 def test_the_journal_holds_every_trial_of_every_arm_as_it_ran(tmp_path, tiny_spec):
-    # ASHA stops the hopeless arm (one trial at a time, good first): pruned in Optuna's words.
-    tiny_spec.update(train={"epochs": 3}, search={"max_concurrent": 1},
+    # ASHA stops the hopeless arm (one trial at a time, good first): pruned in Optuna's words. The broken arm's
+    # trial fails (4 TB of weights): failed in Optuna's words.
+    tiny_spec.update(train={"epochs": 3}, search={"max_concurrent": 1}, run={"max_failures": 0},
                      arms={"good": {"optimizer": "adam", "lr": {"grid": [0.003, 0.01]}},
-                           "hopeless": {"optimizer": "sgd", "lr": 1.0e-7}},
+                           "hopeless": {"optimizer": "sgd", "lr": 1.0e-7},
+                           "broken": {"optimizer": "sgd", "hidden_sizes": [1, 10**12]}},
                      scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2}, space={"seed": {"grid": [0]}})
     done = run_cli("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path), "--no-dashboard")
     assert done.returncode == 0, done.stderr[-3000:]
     studies, rows = journal_trials(tmp_path / "tiny"), trial_results(tmp_path / "tiny")
-    assert sorted(studies) == ["good", "hopeless"] and len(studies["good"]) == 2 and len(studies["hopeless"]) == 1
+    assert sorted(studies) == ["broken", "good", "hopeless"] and len(studies["good"]) == 2
+    [broken] = studies.pop("broken")
+    assert broken.state == optuna.trial.TrialState.FAIL and not broken.intermediate_values
+    assert len(studies["hopeless"]) == 1
     for arm, trials in studies.items():
         for trial in trials:
             tune_rows = next(r for name, r in rows.items() if name.endswith(trial.user_attrs["tune_trial_id"]))
