@@ -6,25 +6,19 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from conftest import REPO, run_cli, write_spec
 from sweeps.space import param_space
 from sweeps.spec import SpecError, count_trials, load_spec, resolve_key, validate_spec
+from trainables.settings import apply_settings
 from ray.tune.search.variant_generator import generate_variants
 
 BASE = {"name": "t", "data": {"name": "mnist5k"}, "model": {"name": "mlp"}}
 
 
 def spec_with(**changes) -> dict:
-    raw = yaml.safe_load(yaml.safe_dump(BASE))
-    for dotted, value in changes.items():
-        *parents, leaf = dotted.split("__")
-        node = raw
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return raw
+    """BASE with `a__b=value` keyword changes set at a.b."""
+    return apply_settings(BASE, {dotted.replace("__", "."): value for dotted, value in changes.items()})
 
 
 BAD = [  # (spec changes, text the one-line error must contain)
