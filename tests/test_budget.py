@@ -84,6 +84,20 @@ def test_the_minimum_detectable_effect_is_detected_at_the_stated_power(n, level)
     assert abs(found / repeats - 0.8) <= 3 * math.sqrt(0.8 * 0.2 / repeats)
 
 
+def test_confirm_stages_judged_by_the_protocol_detect_the_mde_at_the_stated_power():
+    # The same, through what the protocol runs (ArmSeeds, pairwise, Holm over the one pair): seed effects shared by
+    # both arms cancel in the pairs, and the arms' own noise makes the spread of the differences (sd * sqrt 2).
+    n, sd, repeats, rng = 5, 0.01, 2000, np.random.default_rng(11)
+    mde = minimum_detectable_effect(sd * math.sqrt(2), n, 0.05, 0.8)
+    found = 0
+    for _ in range(repeats):
+        shared = rng.normal(0, 0.02, n)
+        arms = {"a": seeds(0.9 + mde + shared + rng.normal(0, sd, n)), "b": seeds(0.9 + shared + rng.normal(0, sd, n))}
+        [pair] = pairwise(arms, "max", 0.05)
+        found += pair.significant and pair.better == "a"
+    assert abs(found / repeats - 0.8) <= 3 * math.sqrt(0.8 * 0.2 / repeats)
+
+
 def test_seeds_needed_is_the_fewest_that_reach_the_power():
     n = seeds_needed(0.005, 0.01, 0.005, 0.8)
     assert paired_power(0.005, 0.01, n, 0.005) >= 0.8 > paired_power(0.005, 0.01, n - 1, 0.005)
