@@ -124,8 +124,8 @@ def console_summary(report_dir: str | Path) -> str:
                 f"{prefix}_ci95_low", "distinguishable", "note"]
     if table.empty:
         return f"{title}: no trial has reported yet"
-    cells = display(table[[c for c in keep if c in table] + [c for c in table if c.endswith("ci95_high")]]
-                    .fillna({"note": ""}))
+    table = table.assign(note=table["note"].astype(object).fillna(""))  # an all-empty column reads back as float
+    cells = display(table[[c for c in keep if c in table] + [c for c in table if c.endswith("ci95_high")]])
     return f"\n{title} (as in {report_dir.name}/{'verdicts.csv' if 'verdict_vs_top' in keep else 'comparison.md'}):\n" \
         + cells.to_string(index=False) + "\n"
 
