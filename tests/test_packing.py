@@ -139,7 +139,7 @@ def test_dropout_draws_differ_from_member_to_member():
     out = pack(torch.ones(2, 3, 1, 2, 4))  # one model twice, one input twice: only the dropout masks differ
     assert not torch.allclose(out[0], out[1])
     pack.eval()
-    out = pack(torch.ones(3, 1, 2, 4))  # a shared batch, as evaluation passes it
+    out = pack(torch.ones(2, 3, 1, 2, 4))
     torch.testing.assert_close(out[0], out[1])
 
 

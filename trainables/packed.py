@@ -33,6 +33,7 @@ from trainables.train import Trial, load_checkpoint, training_split
 ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.Dropout, nn.Identity)  # any layout
 POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)  # per channel, on (B, K*C, H, W)
 
+
 def unpackable(model: nn.Module) -> str | None:
     """Why `model` cannot be packed, or None when it can: a sequence of Linear, Conv2d, element-wise, pooling and
     Flatten layers."""
@@ -58,15 +59,15 @@ def _packed_layout(layer: nn.Module, name: str) -> bool:
 
 
 class PackedModel(nn.Module):
-    """K same-shaped `nn.Sequential` models as one: `forward` takes (K, B, C, H, W), or a shared (B, C, H, W)
-    batch, and returns (K, B, classes). Activations are (K, B, F) between Linear layers and (B, K*C, H, W)
-    between convolutions (the layout of a grouped convolution)."""
+    """K same-shaped `nn.Sequential` models as one: `forward` takes each member's batch, (K, B, C, H, W), and
+    returns (K, B, classes). Activations are (K, B, F) between Linear layers and (B, K*C, H, W) between
+    convolutions (the layout of a grouped convolution)."""
 
     def __init__(self, models: Sequence[nn.Sequential]):
         super().__init__()
         self.k = len(models)
         self.layers = models[0]  # the template: its parameter-free layers run as they are
-        # One stacked tensor per member parameter, in `parameters()` order: (tensor, its layer, transposed).
+        # Per member parameter, in `parameters()` order: its layer, and whether the pack holds it transposed.
         self.slots = [(layer, _packed_layout(layer, name)) for layer in models[0]
                       for name, _ in layer.named_parameters(recurse=False)]
         self.members = [list(m.parameters()) for m in models]
@@ -89,8 +90,6 @@ class PackedModel(nn.Module):
                 member[i].copy_(self._out(stacked[k], i))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4:  # one batch for every member (evaluation)
-            x = x.expand(self.k, *x.shape)
         h, layout = x, "member"  # (K, B, C, H, W)
         params = iter(self.stacked)
         for layer in self.layers:
@@ -149,6 +148,11 @@ class PackedOptimizer:
             "beta1": [g.get("betas", (0.0, 0.0))[0] for g in groups],
             "beta2": [g.get("betas", (0.0, 0.0))[1] for g in groups],
         }
+        # as torch forms them from the hyperparameters, in Python doubles
+        self.values.update({"neg_lr": [-x for x in self.values["lr"]],
+                            "one_minus_alpha": [1 - x for x in self.values["alpha"]],
+                            "one_minus_b1": [1 - x for x in self.values["beta1"]],
+                            "one_minus_b2": [1 - x for x in self.values["beta2"]]})
         self.nesterov = [bool(g.get("nesterov", False)) for g in groups]
         # The state torch keeps per parameter (absent before a member's first step: zeros, step 0).
         self.keys = {"sgd": ["momentum_buffer"] if any(self.values["momentum"]) else [],
@@ -165,15 +169,16 @@ class PackedOptimizer:
                             else torch.zeros_like(self.model.stacked[slot][0])
                             for opt, m in zip(self.optimizers, members)])
 
-    def _h(self, values: Sequence[float], like: torch.Tensor, name: str = "") -> float | torch.Tensor:
-        """`values` (one per member) as one Python number when they agree, else a tensor broadcasting over `like`."""
+    def _h(self, values: Sequence[float], like: torch.Tensor, name: str | None = None) -> float | torch.Tensor:
+        """`values` (one per member) as one Python number when they agree, else a tensor broadcasting over `like`
+        (kept under `name` for the next step)."""
         if all(v == values[0] for v in values):
             return float(values[0])
-        key = (name, like.dim()) if name else None
-        if key not in self.shaped or not name:
+        key = (name, like.dim())
+        if name is None or key not in self.shaped:
             shaped = torch.tensor(values, dtype=torch.float64).to(like.device, like.dtype)
             shaped = shaped.view(-1, *[1] * (like.dim() - 1))
-            if not name:
+            if name is None:
                 return shaped
             self.shaped[key] = shaped
         return self.shaped[key]
@@ -215,20 +220,20 @@ class PackedOptimizer:
                         grad = torch.where(nesterov, grad + buffer * h("momentum"), buffer)
                     else:
                         grad = buffer
-                self._add(param, grad, self._h([-x for x in v["lr"]], param, "neg_lr"))
+                self._add(param, grad, h("neg_lr"))
             elif kind == "rmsprop":
                 square_avg = state["square_avg"].mul_(h("alpha"))
-                self._add_product(square_avg, grad, grad, self._h([1 - a for a in v["alpha"]], param, "one_minus_alpha"))
+                self._add_product(square_avg, grad, grad, h("one_minus_alpha"))
                 avg = square_avg.sqrt().add_(h("eps"))
                 if any(v["momentum"]):
                     buffer = state["momentum_buffer"].mul_(h("momentum")).addcdiv_(grad, avg)  # = grad/avg at m=0
-                    self._add(param, buffer, self._h([-x for x in v["lr"]], param, "neg_lr"))
+                    self._add(param, buffer, h("neg_lr"))
                 else:
-                    self._add(param, grad / avg, self._h([-x for x in v["lr"]], param, "neg_lr"))
+                    self._add(param, grad / avg, h("neg_lr"))
             else:  # adam, adamw
-                exp_avg = state["exp_avg"].lerp_(grad, self._h([1 - b for b in v["beta1"]], param, "one_minus_b1"))
+                exp_avg = state["exp_avg"].lerp_(grad, h("one_minus_b1"))
                 exp_avg_sq = state["exp_avg_sq"].mul_(h("beta2"))
-                self._add_product(exp_avg_sq, grad, grad, self._h([1 - b for b in v["beta2"]], param, "one_minus_b2"))
+                self._add_product(exp_avg_sq, grad, grad, h("one_minus_b2"))
                 # bias corrections in Python doubles, as torch computes them
                 step_size = self._h([-lr / (1 - b1 ** n) for lr, b1, n in zip(v["lr"], v["beta1"], self.steps)], param)
                 correction2 = self._h([math.sqrt(1 - b2 ** n) for b2, n in zip(v["beta2"], self.steps)], param)
