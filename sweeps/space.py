@@ -28,6 +28,7 @@ from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
 from ray.tune.search import Searcher
 
 from sweeps.spec import Domain, Spec
+from trainables.settings import resolve_settings
 
 SEED = "train.seed"
 
@@ -236,20 +237,17 @@ class PerArmPBT(PopulationBasedTraining):
                          quantile_fraction=s.quantile_fraction, resample_probability=s.resample_probability,
                          custom_explore_fn=ArmExplorer(spec), log_config=True)
         self._arm: str | None = None
-        self._default_epochs = spec.train.epochs
+        self._base = spec.base_settings()
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        if result.get("diverged") or result.get("epoch", 0) >= self._epochs(trial):
+        epochs = resolve_settings(self._base, trial.config)["train"]["epochs"]
+        if result.get("diverged") or result.get("epoch", 0) >= epochs:
             # The trial's last report: its result stands. Copied into now, it would train its last epochs again
             # from another's state (and be copied again, and again); its state here stays at its last perturbation,
             # with epochs left to train, for any trial that copies it before it ends.
             return TrialScheduler.CONTINUE
         self._arm = trial.config["arm"]["name"]
         return super().on_trial_result(tune_controller, trial, result)
-
-    def _epochs(self, trial) -> int:
-        config = trial.config
-        return int(config["arm"].get("train.epochs", config.get("train.epochs", self._default_epochs)))
 
     def _quantiles(self):
         everyone = self._trial_state

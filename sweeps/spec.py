@@ -560,14 +560,13 @@ def _check_model_inputs(spec: Spec, base: dict, shared: dict[str, Value], arms: 
         for values in itertools.islice(itertools.product(*shaped.values()), MAX_SHAPE_CHECKS):
             combination = dict(zip(shaped, values))
             s = apply_settings(base, {**_fixed(settings), **combination})
-            size = s["data"]["resize"] or source.shape[1]
+            size, model_json = s["data"]["resize"] or source.shape[1], json.dumps(s["model"], sort_keys=True)
             try:
-                problem = model_input_problem(source.shape[0], size, source.num_classes,
-                                              json.dumps(s["model"], sort_keys=True))
+                problem = model_input_problem(source.shape[0], size, source.num_classes, model_json)
             except ImportError as err:  # the model cannot be built here at all
                 raise ValueError(f"model.name: {err}") from None
             if not problem and spec.resources.pack > 1:
-                problem = pack_problem(source.shape[0], size, source.num_classes, json.dumps(s["model"], sort_keys=True))
+                problem = pack_problem(source.shape[0], size, source.num_classes, model_json)
                 if problem:
                     raise ValueError(f"resources.pack: {spec.resources.pack} trains trials together, but model "
                                      f"{s['model']['name']} cannot be packed ({problem}); set resources.pack: 1")
