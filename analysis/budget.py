@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.results import FINISHED, Results, ResultsError, _read_spec, load_results
-from analysis.stats import expected_best, expected_best_band, no_spread, paired_power, seeds_needed
+from analysis.stats import expected_best, expected_best_band, paired_power, paired_sd, seeds_needed
 from analysis.tables import ALPHA, Comparison, compare, display, seed_columns
 
 TUNING_ASSUMES = ("Expected best of n trials: the mean of the best over every n-subset of the arm's N finished "
@@ -130,11 +130,8 @@ def plan_seeds(arms: dict[str, pd.Series], effect: float, *, alpha: float, power
     for a, b in pairs:
         joined = pd.concat([arms[a], arms[b]], axis=1, join="inner").to_numpy(float)
         both = joined[np.isfinite(joined).all(axis=1)]
-        diffs = both[:, 0] - both[:, 1]
-        # as paired_test sees it: differences equal up to rounding have no spread to plan from
-        sd = (0.0 if no_spread(diffs, float(np.max(np.abs(both), initial=0))) else float(np.std(diffs, ddof=1))) \
-            if len(diffs) >= 2 else np.nan
-        plans.append(SeedPlan(a, b, len(diffs), sd, level, paired_power(effect, sd, len(diffs), level),
+        sd = paired_sd(both[:, 0], both[:, 1])  # as paired_test sees it: no spread to plan from rounding
+        plans.append(SeedPlan(a, b, len(both), sd, level, paired_power(effect, sd, len(both), level),
                               seeds_needed(effect, sd, level, power) if sd > 0 else None))
     return plans
 

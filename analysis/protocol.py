@@ -16,7 +16,7 @@ from analysis.budget import TUNING_ASSUMES, time_to_target, tuning_curves
 from analysis.figures import FIGURES, NotApplicable
 from analysis.results import FINISHED, ResultsError, load_results
 from analysis.tables import compare
-from analysis.stats import holm, minimum_detectable_effect, paired_test, rank_key, summarize
+from analysis.stats import holm, minimum_detectable_effect, paired_sd, paired_test, rank_key, summarize
 
 GOOD_LR_TOLERANCE = 0.01  # a tuning trial is "good" if its final metric is within this of its arm's best
 POWER = 0.8  # the detection probability behind each pair's minimum detectable effect (mde)
@@ -77,7 +77,7 @@ def pairwise(arms: dict[str, ArmSeeds], mode: str, alpha: float) -> list[Pair]:
         else:
             p = paired_test(joined[:, 0], joined[:, 1]).p_value if len(joined) else np.nan
             why = "" if np.isfinite(p) else "fewer than 2 paired seeds, or the same difference on every seed"
-        sd = float(np.std(finite[:, 0] - finite[:, 1], ddof=1)) if len(finite) >= 2 else np.nan
+        sd = paired_sd(finite[:, 0], finite[:, 1])
         pairs.append((a, b, diff, p, len(finite), why, sd))
     adjusted = holm([p for _, _, _, p, _, _, _ in pairs])
     level = alpha / max(1, int(np.isfinite(adjusted).sum()))  # Holm's first, strictest, step

@@ -79,17 +79,29 @@ def welch_test(a: ArrayLike, b: ArrayLike) -> TestResult:
     return TestResult(float(result.statistic), float(result.pvalue), float(result.df))
 
 
-def paired_test(a: ArrayLike, b: ArrayLike) -> TestResult:
-    """Paired two-sided t-test of a against b (a[i] and b[i] share seed i); pairs with a non-finite side are dropped."""
+def _finite_pairs(a: ArrayLike, b: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
     keep = np.isfinite(a) & np.isfinite(b)
-    a, b = a[keep], b[keep]
-    diff = a - b
-    scale = float(max(np.max(np.abs(a), initial=0), np.max(np.abs(b), initial=0)))
-    if len(diff) < 2 or no_spread(diff, scale):
+    return a[keep], b[keep]
+
+
+def paired_sd(a: ArrayLike, b: ArrayLike) -> float:
+    """Standard deviation of the paired differences a - b (pairs with a non-finite side dropped): 0 when they are
+    equal up to rounding, relative to the values; NaN with fewer than 2 pairs."""
+    a, b = _finite_pairs(a, b)
+    if len(a) < 2:
+        return np.nan
+    scale = float(max(np.max(np.abs(a)), np.max(np.abs(b))))
+    return 0.0 if no_spread(a - b, scale) else float(np.std(a - b, ddof=1))
+
+
+def paired_test(a: ArrayLike, b: ArrayLike) -> TestResult:
+    """Paired two-sided t-test of a against b (a[i] and b[i] share seed i); pairs with a non-finite side are dropped."""
+    a, b = _finite_pairs(a, b)
+    if not paired_sd(a, b) > 0:
         return TestResult(np.nan, np.nan, np.nan)  # no estimate of the spread of the differences
     result = stats.ttest_rel(a, b)
-    return TestResult(float(result.statistic), float(result.pvalue), float(len(diff) - 1))
+    return TestResult(float(result.statistic), float(result.pvalue), float(len(a) - 1))
 
 
 def holm(p_values: ArrayLike) -> np.ndarray:
