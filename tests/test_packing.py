@@ -40,10 +40,12 @@ COMPARED = ("train_loss_running", "train_acc_running", "train_loss", "val_loss",
 CPU = torch.device("cpu")
 
 
+@pytest.mark.parametrize("per_member", [None, False], ids=["as-on-this-device", "stacked"])
 @pytest.mark.parametrize("kind", MEMBERS)
-def test_the_packed_optimizer_steps_as_torch_optim_does(kind):
+def test_the_packed_optimizer_steps_as_torch_optim_does(kind, per_member):
     # In float64, so that only a different algorithm could tell the two apart: 30 steps, every member its own
-    # hyperparameters; the state goes back in torch's own format (what checkpoints hold).
+    # hyperparameters; the state goes back in torch's own format (what checkpoints hold). Both ways of stepping:
+    # on this CPU sgd, adam and adamw step per member with torch's fused kernels; a GPU steps the stacked tensors.
     def nets():
         torch.manual_seed(1)
         return [nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double() for _ in MEMBERS[kind]]
@@ -63,7 +65,8 @@ def test_the_packed_optimizer_steps_as_torch_optim_does(kind):
             add_l2_penalty_grad(model.parameters(), l2[k])
             opt.step()
         pack = PackedModel(packed)
-        step = PackedOptimizer(pack, packed_opts, kind, l2)
+        step = PackedOptimizer(pack, packed_opts, kind, l2, per_member=per_member)
+        assert step.per_member == (per_member is None and kind != "rmsprop")
         pack(x).pow(2).sum().backward()
         step.step()
         pack.write_back()
@@ -77,6 +80,7 @@ def test_the_packed_optimizer_steps_as_torch_optim_does(kind):
         for i in sa:
             for key, value in sa[i].items():
                 torch.testing.assert_close(sb[i][key], value, rtol=1e-12, atol=1e-14)
+                assert sb[i][key].stride() == value.stride(), key  # fused kernels read memory in the weight's order
 
 
 TINY = {"name": "p", "data": {"name": "mnist5k", "train_subset": 600, "batch_size": 50},
