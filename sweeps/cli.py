@@ -53,10 +53,10 @@ def cmd_validate(args: argparse.Namespace) -> None:
     print(f"  search     {spec.search.algorithm}, num_samples {spec.search.num_samples}{per_arm}, "
           f"{', '.join(f'{m} ({o})' for m, o in zip(spec.search.metrics, spec.search.modes))}")
     print(f"  scheduler  {spec.scheduler.plan(spec.train.epochs)}")
-    r = spec.resources
+    r, pack = spec.resources, spec.resources.pack_size()
     print(f"  resources  {r.cpu:g} CPU, {r.gpu:g} GPU per trial" + (
-        f"; packed: up to {r.pack} trials that share their shapes train as one model in one worker, each trial "
-        f"asking for {r.cpu / r.pack:g} CPU, {r.gpu / r.pack:g} GPU" if r.pack > 1 else ""))
+        f"; packed: up to {pack} trials that share their shapes train as one model in one worker, each trial "
+        f"asking for {r.cpu / pack:g} CPU, {r.gpu / pack:g} GPU" if pack > 1 else ""))
     print(f"  trials     {sum(trials.values())}")
     width = max(14, *map(len, trials))
     for arm, settings in spec.arm_settings().items():

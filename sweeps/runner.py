@@ -228,10 +228,10 @@ def build_tuner(spec: Spec, dataset: Dataset, *, storage: str, restore: str | No
 
 
 def trainable_for(spec: Spec, dataset: Dataset):
-    """Tune's trainable: each trial trains in its own actor, or, with `resources.pack` K > 1, each is a light actor
-    asking for 1/K of a trial's resources whose epochs a pack worker trains (`trainables.member`)."""
-    r = spec.resources
-    if r.pack == 1:
+    """Tune's trainable: each trial trains in its own actor, or, packed (`Resources.pack_size` K > 1), each is a light
+    actor asking for 1/K of a trial's resources whose epochs a pack worker trains (`trainables.member`)."""
+    r, pack = spec.resources, spec.resources.pack_size()
+    if pack == 1:
         from trainables.train import train_trial
 
         train = tune.with_parameters(train_trial, base=spec.base_settings(), dataset=dataset)
@@ -240,10 +240,10 @@ def trainable_for(spec: Spec, dataset: Dataset):
 
         from trainables.member import PackManager, train_member
 
-        manager = PackManager.remote([ray.put(dataset)], base=spec.base_settings(), capacity=r.pack,
+        manager = PackManager.remote([ray.put(dataset)], base=spec.base_settings(), capacity=pack,
                                      threads=max(1, int(r.cpu)))
         train = tune.with_parameters(train_member, manager=manager)
-    return trial_actor(tune.with_resources(train, {"cpu": r.cpu / r.pack, "gpu": r.gpu / r.pack}))
+    return trial_actor(tune.with_resources(train, {"cpu": r.cpu / pack, "gpu": r.gpu / pack}))
 
 
 def checkpoints_kept(spec: Spec) -> int | None:

@@ -13,6 +13,7 @@ import functools
 import itertools
 import json
 import math
+import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -306,10 +307,19 @@ class Scheduler(Strict):
         return "fifo: every trial runs to the end"
 
 
+# =1: pack trials that train on CPUs too, to develop and test packing without a GPU (slower: README, "Packed trials")
+PACK_ON_CPU = "SWEEP_PACK_ON_CPU"
+
+
 class Resources(Strict):
     cpu: float = Field(1.0, gt=0)                       # CPUs per trial (also the trial's torch threads)
     gpu: float = Field(0.0, ge=0)                       # GPUs per trial; fractions share one GPU
-    pack: PositiveInt = 1                               # trials trained as one vectorised model (1: off); see README
+    pack: PositiveInt = 1                               # trials on a GPU trained as one vectorised model (1: off)
+
+    def pack_size(self) -> int:
+        """Trials per pack in this run: `pack` for trials on GPUs, 1 (off) for trials on CPUs, where every packed
+        sweep measured slower than unpacked (README, "Packed trials"), unless SWEEP_PACK_ON_CPU=1."""
+        return self.pack if self.gpu > 0 or os.environ.get(PACK_ON_CPU) == "1" else 1
 
 
 class Run(Strict):
@@ -525,7 +535,7 @@ def _check_subsets(spec: Spec, shared: dict[str, Value], arms: dict[str, dict[st
 
 def run_notes(spec: Spec) -> list[str]:
     """What the user should know before the run: a batch larger than the training split is one batch per epoch;
-    packing without a GPU is slower than not packing (measured: README, "Packed trials")."""
+    `resources.pack` is off for trials on CPUs (`Resources.pack_size`)."""
     pool, _ = split_sizes(spec.data.name, val_split=spec.data.val_split)
     shared, notes = spec.space_settings(), []
     for arm, own in spec.arm_settings().items():
@@ -539,9 +549,12 @@ def run_notes(spec: Spec) -> list[str]:
                     f"batch of {images}")
             if batch > images and note not in notes:
                 notes.append(note)
-    if spec.resources.pack > 1 and not spec.resources.gpu:
-        notes.append(f"resources.pack: {spec.resources.pack} without a GPU: packing is for GPUs; on 2 CPU cores a packed "
-                     "sweep ran at 0.7-0.85x the speed of an unpacked one")
+    r = spec.resources
+    if r.pack > 1 and not r.gpu:
+        notes.append(f"resources.pack: {r.pack} is off: these trials train on CPUs, where packed sweeps measured slower "
+                     f"than unpacked ones; it packs trials on GPUs (resources.gpu > 0)" if r.pack_size() == 1 else
+                     f"resources.pack: {r.pack} on CPUs ({PACK_ON_CPU}=1): slower than unpacked here, for developing "
+                     "and testing packing")
     return notes
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from conftest import REPO, run_cli, trial_results, trial_settings, write_spec
-from sweeps.spec import SpecError, run_notes, validate_spec
+from sweeps.spec import PACK_ON_CPU, SpecError, run_notes, validate_spec
 from trainables.data import load_dataset
 from trainables.optim import add_l2_penalty_grad, create_optimizer
 from trainables.member import pack_key
@@ -192,11 +192,19 @@ def test_what_cannot_be_packed_is_refused_at_validation(changes, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_a_pack_without_a_gpu_is_said_to_be_slower():
-    notes = run_notes(validate_spec({**TINY, "resources": {"pack": 4}}, "spec.yaml"))
-    assert any(n.startswith("resources.pack: 4 without a GPU: packing is for GPUs") for n in notes)
-    assert not any("resources.pack" in n for n in run_notes(validate_spec({**TINY, "resources": {"pack": 4, "gpu": 1}},
-                                                                          "spec.yaml")))
+def test_a_pack_is_off_for_trials_on_cpus_unless_asked_and_says_so(monkeypatch, tmp_path):
+    monkeypatch.delenv(PACK_ON_CPU, raising=False)
+    on_cpu, on_gpu = (validate_spec({**TINY, "resources": {"pack": 4, "gpu": gpu}}, "spec.yaml") for gpu in (0, 0.5))
+    assert (on_cpu.resources.pack_size(), on_gpu.resources.pack_size()) == (1, 4)
+    assert any(n.startswith("resources.pack: 4 is off: these trials train on CPUs") for n in run_notes(on_cpu))
+    assert not any("resources.pack" in n for n in run_notes(on_gpu))
+    checked = run_cli("validate", str(write_spec(tmp_path, {**TINY, "resources": {"pack": 4}})))
+    assert checked.returncode == 0 and "packed: up to" not in checked.stdout and "resources.pack: 4 is off" in checked.stdout
+    monkeypatch.setenv(PACK_ON_CPU, "1")  # what the packed sweeps below run with
+    assert on_cpu.resources.pack_size() == 4
+    assert any(n.startswith(f"resources.pack: 4 on CPUs ({PACK_ON_CPU}=1)") for n in run_notes(on_cpu))
+    checked = run_cli("validate", str(write_spec(tmp_path, {**TINY, "resources": {"pack": 4}})))
+    assert "packed: up to 4 trials" in checked.stdout, checked.stdout
 
 
 def test_the_pack_key_ignores_exactly_the_members_own_settings():
@@ -208,7 +216,19 @@ def test_the_pack_key_ignores_exactly_the_members_own_settings():
         assert pack_key(trial_settings(TINY, differs)) != pack_key(one), differs
 
 
-# --- real sweeps ---------------------------------------------------------------------------------------------
+# --- real sweeps, packed on this CPU -------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def pack_on_cpu(monkeypatch):
+    """Pack the sweeps below though their trials train on CPUs (sweeps.spec.PACK_ON_CPU): the code a GPU runs."""
+    monkeypatch.setenv(PACK_ON_CPU, "1")
+
+
+def assert_packed(results_dir) -> None:
+    """Trials trained in packs: members of one round report the pack's epoch time, so some trials share one."""
+    times = [r["epoch_time_s"] for rows in trial_results(results_dir).values() for r in rows]
+    assert len(set(times)) < len(times), "no two trials share an epoch: the sweep ran unpacked"
+
 
 def sweep_spec(pack: int, **changes) -> dict:
     return {"name": "pk", "data": {"name": "mnist5k", "train_subset": 800, "batch_size": 50},
@@ -245,6 +265,7 @@ def test_a_packed_sweep_trains_each_trial_as_alone_and_asha_stops_the_trials_it_
                        "--storage", str(tmp_path / f"pack{pack}"), "--no-dashboard")
         assert done.returncode == 0, done.stderr[-3000:]
         runs[pack] = tmp_path / f"pack{pack}" / "pk"
+    assert_packed(runs[4])
     alone, packed = by_config(runs[1]), by_config(runs[4])
     assert alone.keys() == packed.keys() and len(packed) == 8  # the same configurations, drawn in the driver
     compared = 0
@@ -311,6 +332,7 @@ def test_a_killed_packed_sweep_resumes_finished_members_unchanged_the_rest_from_
         assert after[0]["iterations_since_restore"] == 1
     report = pd.read_csv(results / "report" / "trials.csv")
     assert (report["status"] == "completed").all() and len(report) == 4
+    assert_packed(results)
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from conftest import run_cli, trial_results, write_spec
 from results_fixtures import curve_rows, spec_for, write_trial
 from results_fixtures import write_spec as write_results_spec
 from sweeps.space import ArmExplorer, PerArmOptuna, warm_start_trials
-from sweeps.spec import SpecError, validate_spec
+from sweeps.spec import PACK_ON_CPU, SpecError, validate_spec
 from test_search import LR, OPTIMUM, decades_from_optimum, drive, objective, optuna_spec
 from trainables.models import create_model
 from trainables.optim import create_optimizer
@@ -109,7 +109,8 @@ def test_a_loaded_optimizer_takes_this_trials_settings_not_the_saved_ones():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("pack", [1, 4])  # packed: a member leaves its pack and joins again with the copied state
-def test_pbt_copies_within_an_arm_and_the_copy_trains_with_its_explored_lr(tmp_path, tiny_spec, pack):
+def test_pbt_copies_within_an_arm_and_the_copy_trains_with_its_explored_lr(tmp_path, tiny_spec, pack, monkeypatch):
+    monkeypatch.setenv(PACK_ON_CPU, "1")  # packed on this CPU, as on a GPU
     tiny_spec.update(train={"epochs": 6},
                      arms={"sgd": {"optimizer": "sgd", "lr": {"loguniform": [1.0e-4, 1.0]}},
                            "adam": {"optimizer": "adam", "lr": {"loguniform": [1.0e-5, 1.0e-1]}}},
@@ -119,6 +120,10 @@ def test_pbt_copies_within_an_arm_and_the_copy_trains_with_its_explored_lr(tmp_p
     done = run_cli("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path), "--no-dashboard")
     assert done.returncode == 0, done.stderr[-3000:]
     root = tmp_path / "tiny"
+    if pack > 1:
+        from test_packing import assert_packed
+
+        assert_packed(root)
     named = trial_results(root)  # directories are named {arm}_{trial id}
     rows = {name.split("_", 1)[1]: r for name, r in named.items()}
     arm_of = {name.split("_", 1)[1]: name.split("_", 1)[0] for name in named}
