@@ -317,8 +317,9 @@ class Resources(Strict):
     pack: PositiveInt = 1                               # trials on a GPU trained as one vectorised model (1: off)
 
     def pack_size(self) -> int:
-        """Trials per pack in this run: `pack` for trials on GPUs, 1 (off) for trials on CPUs, where every packed
-        sweep measured slower than unpacked (README, "Packed trials"), unless SWEEP_PACK_ON_CPU=1."""
+        """Trials per pack in this run: `pack` when trials ask for a GPU (`gpu` > 0), else 1 (off): on CPUs every
+        packed sweep measured slower than unpacked (README, "Packed trials"), unless SWEEP_PACK_ON_CPU=1 in the
+        process that drives the sweep."""
         return self.pack if self.gpu > 0 or os.environ.get(PACK_ON_CPU) == "1" else 1
 
 

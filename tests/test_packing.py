@@ -43,12 +43,15 @@ CPU = torch.device("cpu")
 @pytest.mark.parametrize("per_member", [None, False], ids=["as-on-this-device", "stacked"])
 @pytest.mark.parametrize("kind", MEMBERS)
 def test_the_packed_optimizer_steps_as_torch_optim_does(kind, per_member):
-    # In float64, so that only a different algorithm could tell the two apart: 30 steps, every member its own
-    # hyperparameters; the state goes back in torch's own format (what checkpoints hold). Both ways of stepping:
-    # on this CPU sgd, adam and adamw step per member with torch's fused kernels; a GPU steps the stacked tensors.
+    # In float64, so that only a different algorithm could tell the two apart: 3 epochs of 10 steps (a pack and its
+    # optimizer are built per epoch, as packed_epoch does), every member its own hyperparameters; the state goes
+    # back in torch's own format and memory layout (what checkpoints hold), here with a channels_last convolution
+    # and Linear weights the pack holds transposed. Both ways of stepping: on this CPU sgd, adam and adamw step per
+    # member with torch's fused kernels; a GPU steps the stacked tensors.
     def nets():
         torch.manual_seed(1)
-        return [nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double() for _ in MEMBERS[kind]]
+        return [nn.Sequential(nn.Conv2d(2, 3, 2), nn.Tanh(), nn.Flatten(), nn.Linear(18, 5), nn.Tanh(), nn.Linear(5, 3))
+                .double().to(memory_format=torch.channels_last) for _ in MEMBERS[kind]]
 
     settings = [{k: v for k, v in m.items() if k not in ("l2_penalty", "schedule", "step_size", "gamma")}
                 for m in MEMBERS[kind]]
@@ -57,18 +60,21 @@ def test_the_packed_optimizer_steps_as_torch_optim_does(kind, per_member):
     torch_opts = [create_optimizer(m.parameters(), optimizer=kind, **s) for m, s in zip(alone, settings)]
     packed_opts = [create_optimizer(m.parameters(), optimizer=kind, **s) for m, s in zip(packed, settings)]
     rng = torch.Generator().manual_seed(0)
-    for _ in range(30):
-        x = torch.randn(len(alone), 4, 1, 2, 3, dtype=torch.float64, generator=rng)
-        for k, (model, opt) in enumerate(zip(alone, torch_opts)):
-            opt.zero_grad()
-            model(x[k]).pow(2).sum().backward()
-            add_l2_penalty_grad(model.parameters(), l2[k])
-            opt.step()
+    for _ in range(3):
         pack = PackedModel(packed)
         step = PackedOptimizer(pack, packed_opts, kind, l2, per_member=per_member)
         assert step.per_member == (per_member is None and kind != "rmsprop")
-        pack(x).pow(2).sum().backward()
-        step.step()
+        for _ in range(10):
+            x = torch.randn(len(alone), 4, 2, 3, 4, dtype=torch.float64, generator=rng)
+            for k, (model, opt) in enumerate(zip(alone, torch_opts)):
+                opt.zero_grad()
+                model(x[k]).pow(2).sum().backward()
+                add_l2_penalty_grad(model.parameters(), l2[k])
+                opt.step()
+            for p in pack.stacked:
+                p.grad = None
+            pack(x).pow(2).sum().backward()
+            step.step()
         pack.write_back()
         step.write_back()
     for a, b in zip(alone, packed):
@@ -220,7 +226,7 @@ def test_the_pack_key_ignores_exactly_the_members_own_settings():
 
 @pytest.fixture(autouse=True)
 def pack_on_cpu(monkeypatch):
-    """Pack the sweeps below though their trials train on CPUs (sweeps.spec.PACK_ON_CPU): the code a GPU runs."""
+    """Every test here packs trials on this CPU (sweeps.spec.PACK_ON_CPU): the code a GPU runs."""
     monkeypatch.setenv(PACK_ON_CPU, "1")
 
 

@@ -74,8 +74,9 @@ class PackedModel(nn.Module):
         self.slots = [(layer, _packed_layout(layer, name)) for layer in models[0]
                       for name, _ in layer.named_parameters(recurse=False)]
         self.members = [list(m.parameters()) for m in models]
-        with torch.no_grad():
-            self.stacked = [torch.stack([self._in(m[i], i) for m in self.members]).requires_grad_()
+        with torch.no_grad():  # contiguous whatever the members' layout (channels_last): a member's slice of a
+            # weight, its gradient and its optimizer state are then laid out alike, as torch's fused kernels need
+            self.stacked = [torch.stack([self._in(m[i], i) for m in self.members]).contiguous().requires_grad_()
                             for i in range(len(self.slots))]
 
     def _in(self, tensor: torch.Tensor, slot: int) -> torch.Tensor:
@@ -189,7 +190,7 @@ class PackedOptimizer:
         members = self.model.members
         return torch.stack([self.model._in(opt.state[m[slot]][key], slot) if key in opt.state[m[slot]]
                             else torch.zeros_like(self.model.stacked[slot][0])
-                            for opt, m in zip(self.optimizers, members)])
+                            for opt, m in zip(self.optimizers, members)]).contiguous()
 
     def _h(self, values: Sequence[float], like: torch.Tensor, name: str | None = None) -> float | torch.Tensor:
         """`values` (one per member) as one Python number when they agree, else a tensor broadcasting over `like`
@@ -298,9 +299,10 @@ class PackedOptimizer:
             for slot, param in enumerate(member):
                 if not keys:
                     continue  # plain SGD keeps no state
-                # laid out as the parameter is: torch's fused kernels read a state's memory in the parameter's order
-                opt.state[param] = {key: self.model._out(self.state[slot][key][k], slot).clone(
-                    memory_format=torch.contiguous_format) for key in keys}
+                # laid out as the parameter is (transposed in the pack, or channels_last): torch's fused kernels
+                # read a state's memory in the parameter's order
+                opt.state[param] = {key: torch.empty_like(param).copy_(self.model._out(self.state[slot][key][k], slot))
+                                    for key in keys}
                 if self.kind != "sgd":  # where torch keeps it: on the parameter's device for a fused optimizer
                     opt.state[param]["step"] = torch.tensor(float(self.steps[k]), dtype=torch.float32,
                                                             device=param.device if opt.param_groups[0].get("fused") else None)
