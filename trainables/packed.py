@@ -152,12 +152,13 @@ class PackedOptimizer:
         device = model.stacked[0].device
         self.per_member = kind in FUSED and (device.type == "cpu" if per_member is None else per_member)
         groups = [opt.param_groups[0] for opt in self.optimizers]
+        l2_grad = [2 * l2 for l2 in l2_penalties]  # the L2 penalty's gradient is 2 * l2 * w (trainables.optim)
         self.values = {  # per member, as Python floats
             "lr": [g["lr"] for g in groups],
-            "l2": [2 * l2 for l2 in l2_penalties],  # the L2 penalty's gradient is 2 * l2 * w (trainables.optim)
-            # the coupled decays add to the gradient: L2 penalty (2 * l2 * w, trainables.optim) and, but for adamw,
-            # weight decay (torch adds them one after the other; one fused add differs by rounding only)
-            "coupled": [2 * l2 + (0.0 if kind == "adamw" else g["weight_decay"]) for g, l2 in zip(groups, l2_penalties)],
+            "l2": l2_grad,
+            # the coupled decays add to the gradient: the L2 penalty's and, but for adamw, weight decay (torch adds
+            # them one after the other; one fused add differs by rounding only)
+            "coupled": [l2 + (0.0 if kind == "adamw" else g["weight_decay"]) for g, l2 in zip(groups, l2_grad)],
             "decoupled": [1 - g["lr"] * g["weight_decay"] if kind == "adamw" else 1.0 for g in groups],
             "momentum": [g.get("momentum", 0.0) for g in groups],
             "alpha": [g.get("alpha", 0.0) for g in groups],
