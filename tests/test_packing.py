@@ -71,8 +71,7 @@ def test_the_packed_optimizer_steps_as_torch_optim_does(kind, per_member):
                 model(x[k]).pow(2).sum().backward()
                 add_l2_penalty_grad(model.parameters(), l2[k])
                 opt.step()
-            for p in pack.stacked:
-                p.grad = None
+            step.zero_grad()
             pack(x).pow(2).sum().backward()
             step.step()
         pack.write_back()

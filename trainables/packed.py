@@ -223,6 +223,11 @@ class PackedOptimizer:
         else:
             target.addcmul_(a * scale, b)
 
+    def zero_grad(self) -> None:
+        """Drop the stacked gradients, as `torch.optim.Optimizer.zero_grad()` does by default."""
+        for p in self.model.stacked:
+            p.grad = None
+
     @torch.no_grad()
     def step(self) -> None:
         self.steps = [n + 1 for n in self.steps]
@@ -327,8 +332,7 @@ def packed_epoch(trials: Sequence[Any]) -> list[tuple[float, float, int]]:
         with lead.autocast():
             logits = model(x)
             losses = per_member_loss(logits.float(), y)
-        for p in model.stacked:
-            p.grad = None
+        optimizer.zero_grad()
         losses.sum().backward()  # the sum's gradient w.r.t. member k's weights is that of member k's own loss
         optimizer.step()
         loss_sum += losses.detach() * y.shape[1]
