@@ -122,8 +122,10 @@ def test_a_packed_member_trains_as_it_would_alone(kind, loss):
             # to 1e-12 in float64, above). Training then amplifies those last bits, most of all RMSprop, whose
             # steps divide tiny gradients by their tiny running norm (0.2% apart after two epochs): the second
             # epoch checks the plumbing (each member's data, settings, schedule), which a mistake would move by
-            # far more.
-            for key in COMPARED:
+            # far more. ECE only in the first: it bins the predictions, so an image that crosses a bin edge moves it
+            # by more than the drift moves anything else (RMSprop with mse on an AMD EPYC: losses 6e-5 apart after
+            # two epochs, ECE 2.3%).
+            for key in COMPARED if epoch == 0 else [k for k in COMPARED if k != "ece"]:
                 assert p[key] == pytest.approx(a[key], rel=1e-4 if epoch == 0 else 1e-2, abs=1e-6), (kind, loss, key)
             assert p["lr"] == a["lr"]
 
