@@ -13,16 +13,18 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from ray import tune
 
 from analysis import load_results
 from conftest import REPO, run_cli, trial_results, write_spec
+from sweeps.spec import PACK_ON_CPU
 from trainables.train import CHECKPOINT_FILE, load_checkpoint
 
 # Fields that differ between two runs of the same trial (timing, process, Tune's own bookkeeping).
 VOLATILE = {"epoch_time_s", "samples_per_s", "time_this_iter_s", "time_total_s", "timestamp", "date", "pid",
             "time_since_restore", "iterations_since_restore", "trial_id", "experiment_tag", "checkpoint_dir_name",
-            "hostname", "node_ip", "config", "done", "training_iteration"}
+            "hostname", "node_ip", "config", "done", "training_iteration", "should_checkpoint"}
 
 
 def reliability_spec(**changes) -> dict:
@@ -261,6 +263,38 @@ def test_a_resume_whose_recorded_checkpoint_was_superseded_goes_on_from_the_newe
     rows = trial_results(results)[trial.name]
     restart = next(r for r in rows[1:] if r["iterations_since_restore"] == 1)
     assert restart["epoch"] == newest_epoch + 1 and rows[-1]["epoch"] == 4, [(r["epoch"], r["iterations_since_restore"]) for r in rows]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pack", [1, 2])
+def test_a_resume_whose_newer_checkpoint_is_the_trials_last_gives_its_final_row_and_trains_no_more(
+        tmp_path, monkeypatch, pack):
+    # The driver died after the trial's last checkpoint landed, before Tune recorded it (on object storage
+    # tests/test_object_storage.py met it: the trial ended without its final row). Made here by hand: the killed
+    # sweep's checkpoints give way to the reference's last one, as if its orphaned worker had written it.
+    monkeypatch.setenv(PACK_ON_CPU, "1")  # pack 2: the packed path, which trained one epoch too many
+    spec = write_spec(tmp_path, reliability_spec(arms={"only": {"optimizer": "sgd", "lr": 0.05}},
+                                                 resources={"pack": pack}))
+    results = kill_beside_a_reference(tmp_path, spec, lambda trials: any(len(rows) >= 3 for rows in trials.values()))
+    time.sleep(5)  # the orphaned actors notice their raylet is gone and exit
+    trial = next(results.glob("only_*"))
+    recorded = Path(tune.ExperimentAnalysis(str(results)).trials[0].checkpoint.path)
+    for folder in trial.glob("checkpoint_*"):
+        shutil.rmtree(folder)
+    [last] = (tmp_path / "reference" / "rel").glob("only_*/checkpoint_*")  # run.checkpoint_keep: 1
+    newer = f"checkpoint_{int(recorded.name.split('_')[1]) + 1:06d}"
+    shutil.copytree(last, trial / newer)
+    state = torch.load(trial / newer / CHECKPOINT_FILE, weights_only=True)
+    assert state["epoch"] == 4
+    torch.save({**state, "trial_id": trial.name.split("_", 1)[1]}, trial / newer / CHECKPOINT_FILE)  # this trial's
+
+    resumed = run_cli("resume", str(results), "--no-dashboard")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{recorded.name} is gone, superseded by {newer}" in resumed.stderr
+    epochs = [r["epoch"] for r in trial_results(results)[trial.name]]
+    assert epochs[-1] == 4 and max(epochs) == 4, epochs
+    assert comparable(results) == comparable(tmp_path / "reference" / "rel")  # the final row too: test score, matrix
+    assert pd.read_csv(results / "report" / "trials.csv")["status"].tolist() == ["completed"]
 
 
 def test_a_checkpoint_without_its_file_trains_from_epoch_1(tmp_path):

@@ -100,6 +100,27 @@ def test_a_restored_trial_goes_on_at_the_learning_rate_its_schedule_reached_and_
     assert copy.lr == 0.37 and copy.copied == {"copied_from": "t1", "copied_epoch": 3}
 
 
+def test_a_trial_restored_from_its_last_checkpoint_says_its_last_report_again_and_trains_nothing(tiny_spec):
+    # A driver that dies after a trial's last checkpoint but before Tune records it finished: `sweep resume`
+    # restores that checkpoint, and the trial's final row (confusion matrix, test score) comes from it.
+    settings = trial_settings(tiny_spec, {"train.epochs": 2})
+    data = load_dataset("mnist5k", train_subset=400)
+    trial = Trial(settings, data, torch.device("cpu"), loaded_subset=400, trial_id="t1")
+    while not trial.finished:
+        report = trial.end_epoch(*trial.train_epoch(), 1.0, trial.lr)
+    assert report.done and "confusion_matrix" in report.metrics
+    buffer = io.BytesIO()
+    report.save(buffer)
+    state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)  # plain values: no pickled code
+    restored = Trial(settings, data, torch.device("cpu"), loaded_subset=400, trial_id="t1", state=state)
+    assert restored.finished and restored.last_report == report.metrics
+    copy = Trial(settings, data, torch.device("cpu"), loaded_subset=400, trial_id="t2", state=state)
+    assert copy.last_report is None  # PBT gave it another's state: that trial's report is not this one's
+    midway = Trial(trial_settings(tiny_spec, {"train.epochs": 3}), data, torch.device("cpu"), loaded_subset=400,
+                   trial_id="t1", state=state)
+    assert not midway.finished and midway.last_report is None  # it goes on training and reports as it does
+
+
 def test_a_checkpoint_cannot_run_code_when_loaded(tmp_path):
     marker = tmp_path / "ran"
 

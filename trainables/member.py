@@ -61,8 +61,9 @@ def train_member(config: dict[str, Any], *, manager) -> None:
     node = ray.get_runtime_context().get_node_id()
     worker = ray.get(manager.assign.remote(trial_id, config, node, ray.get_gpu_ids()))
     try:
-        ray.get(worker.join.remote(trial_id, config, tune.get_checkpoint()))
-        done = False
+        done, last_report = ray.get(worker.join.remote(trial_id, config, tune.get_checkpoint()))
+        if last_report:  # restored from its last checkpoint (trainables.train.Trial.last_report)
+            report(last_report, None, config["arm"]["name"])
         while not done:
             metrics, checkpoint, done = ray.get(worker.train.remote(trial_id))
             report(metrics, (lambda path: Path(path).write_bytes(checkpoint)) if checkpoint else None,
@@ -144,18 +145,23 @@ class PackWorker:
         self.pool = ThreadPoolExecutor(max_workers=1)
         self.pool.submit(torch.set_num_threads, threads)  # the CPUs the members hold between them (in that thread)
 
-    async def join(self, trial_id: str, config: dict[str, Any], checkpoint: tune.Checkpoint | None) -> None:
-        """Take `trial_id` on as a member (again, when it was retried or PBT gave it another's checkpoint)."""
+    async def join(self, trial_id: str, config: dict[str, Any],
+                   checkpoint: tune.Checkpoint | None) -> tuple[bool, dict[str, Any] | None]:
+        """Take `trial_id` on as a member (again, when it was retried or PBT gave it another's checkpoint). Returns
+        whether it had already finished (restored from its last checkpoint: nothing to train) and its last report."""
         trial = await asyncio.get_running_loop().run_in_executor(
             self.pool, self.packed.member_trial, self.source, self.on_device, self.base, config, checkpoint,
             self.device, trial_id)
         self._forget(trial_id)
+        if trial.finished:
+            return True, trial.last_report
         self.members[trial_id] = trial
         self.expected.add(trial_id)
         if self.changed is None:
             self.changed = asyncio.Event()
             asyncio.create_task(self._rounds())
         self.changed.set()
+        return False, None
 
     async def leave(self, trial_id: str) -> None:
         self._forget(trial_id)

@@ -128,14 +128,15 @@ def load_checkpoint(checkpoint: tune.Checkpoint | None, device: torch.device) ->
 
 
 def checkpoint_state(epoch: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule,
-                     scaler: torch.amp.GradScaler, loader: Loader, *, trial_id: str | None = None) -> dict[str, Any]:
-    """Everything a trial needs to continue exactly: weights, optimizer, schedule, fp16 loss scale, RNGs; and
-    which trial wrote it (PBT hands one trial's checkpoint to another)."""
+                     scaler: torch.amp.GradScaler, loader: Loader, *, trial_id: str | None = None,
+                     metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything a trial needs to continue exactly: weights, optimizer, schedule, fp16 loss scale, RNGs; which
+    trial wrote it (PBT hands one trial's checkpoint to another); and the metrics reported with it (see Trial)."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict() if schedule else None, "scaler": scaler.state_dict(),
             "loader_rng": loader.generator.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(loader.device) if loader.device.type == "cuda" else None,
-            "epoch": epoch, "trial_id": trial_id}
+            "epoch": epoch, "trial_id": trial_id, "metrics": metrics}
 
 
 HYPERPARAMETERS = ("lr", "weight_decay", "momentum", "nesterov", "betas", "eps", "alpha")  # torch's param_group keys
@@ -253,6 +254,10 @@ class Trial:
             if state.get("trial_id") not in (None, trial_id):  # PBT: another trial's state, this trial's settings
                 apply_hyperparameters(self.optimizer, optim_cfg)
                 self.copied = {"copied_from": state["trial_id"], "copied_epoch": state["epoch"]}  # said at next report
+        # Restored from its own last checkpoint: the trial had finished, but the driver died before Tune recorded
+        # that (on object storage a checkpoint lands before Tune's state and result.json do). Its last report,
+        # said again, gives it its final row; without it the trial would end with none.
+        self.last_report = state.get("metrics") if state and self.finished and not self.copied else None
 
     @property
     def finished(self) -> bool:
@@ -309,7 +314,7 @@ class Trial:
         save = None
         if not self.diverged and (last or epoch % self.train_cfg["checkpoint_every"] == 0):
             state = checkpoint_state(epoch, self.model, self.optimizer, self.schedule, self.scaler, self.train_loader,
-                                     trial_id=self.trial_id)
+                                     trial_id=self.trial_id, metrics=metrics)
             save = functools.partial(torch.save, state)
         return Report(metrics, save, last)
 
@@ -322,6 +327,8 @@ def train_trial(config: dict[str, Any], *, base: dict[str, dict[str, Any]], data
     device = pick_device(settings["train"]["device"], assigned_gpus(), torch.cuda.is_available())
     trial = Trial(settings, dataset, device, loaded_subset=base["data"]["train_subset"],
                   trial_id=current_trial_id(), state=load_checkpoint(tune.get_checkpoint(), device))
+    if trial.last_report:
+        report(trial.last_report, None, config["arm"]["name"])
     while not trial.finished:
         t0, lr = time.perf_counter(), trial.lr
         running_loss, running_acc, seen = trial.train_epoch()
