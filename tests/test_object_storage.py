@@ -50,14 +50,14 @@ def test_refused_credentials_are_said_before_anything_starts(tmp_path, tiny_spec
 def test_a_sweep_on_s3_is_reported_and_resumed_from_this_machine(tmp_path, s3):
     # About a second per epoch, one trial at a time: slow enough to kill the driver between two epochs.
     spec = write_spec(tmp_path, {"name": "remote", "data": {"name": "mnist5k", "batch_size": 50},
-                                 "model": {"name": "mlp", "hidden_sizes": [1024, 1024]}, "train": {"epochs": 3},
+                                 "model": {"name": "mlp", "hidden_sizes": [1024, 1024]}, "train": {"epochs": 5},
                                  "arms": {"sgd": {"optimizer": "sgd", "lr": 0.05}, "adam": {"optimizer": "adam", "lr": 0.001}},
                                  "search": {"max_concurrent": 1}})
     with open(tmp_path / "run.log", "w") as log:
         driver = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(spec), "--storage", "s3://sweeps/runs",
                                    "--no-dashboard"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                   start_new_session=True, env={**os.environ, **s3})
-    try:  # kill once the first trial has checkpointed an epoch in the bucket
+    try:  # kill once the first trial has checkpointed its second epoch in the bucket: it has three more to go
         deadline = time.monotonic() + 300
         while not any("checkpoint_000001" in p for p in listing(s3, "sweeps/runs/remote")):
             assert time.monotonic() < deadline and driver.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
@@ -81,9 +81,10 @@ def test_a_sweep_on_s3_is_reported_and_resumed_from_this_machine(tmp_path, s3):
     assert report.returncode == 0, report.stderr[-3000:]
     assert (out / "report" / "report.html").is_file() and not list(out.rglob("checkpoint_*"))
     rows = trial_results(out)
-    assert len(rows) == 2 and all(trial_rows[-1]["epoch"] == 3 for trial_rows in rows.values())  # all finished
+    seen = {name: [(r["epoch"], r["iterations_since_restore"]) for r in t] for name, t in rows.items()}
+    assert len(rows) == 2 and all(t[-1]["epoch"] == 5 for t in rows.values()), (seen, resumed.stderr[-3000:])
     # the interrupted one went on from its checkpoint, not from epoch 1
-    assert any(r["iterations_since_restore"] == 1 and r["epoch"] > 1 for t in rows.values() for r in t), rows
+    assert any(r["iterations_since_restore"] == 1 and r["epoch"] > 1 for t in rows.values() for r in t), seen
     again = run_cli("report", "s3://sweeps/runs/remote/", "--out", str(out), env=s3)  # a trailing slash is the same
     assert again.returncode == 2 and again.stderr.strip().splitlines() == [
         f"sweep: error: --out {out}: already exists; the results of s3://sweeps/runs/remote are downloaded into a "
