@@ -9,6 +9,7 @@ import socket
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import pyarrow.fs
 import yaml
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-from ray.tune.schedulers import ASHAScheduler, AsyncHyperBandScheduler, FIFOScheduler, MedianStoppingRule
+from ray.tune.schedulers import ASHAScheduler, AsyncHyperBandScheduler, FIFOScheduler, MedianStoppingRule, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -340,7 +341,51 @@ def _pbt(spec: Spec):
     return PerArmPBT(spec)
 
 
-SCHEDULERS = {"fifo": lambda spec: FIFOScheduler(), "asha": _asha, "hyperband": AsyncHyperBand, "median": _median,
+class PerArm(FIFOScheduler):
+    """Early stopping that judges a trial only against its own arm: one scheduler of the same kind and settings
+    per arm, each with its own rungs (ASHA, HyperBand) or history (the median rule).
+
+    One scheduler over every arm ranks all arms' trials together: the arm whose trials reach a rung first sets
+    the cutoff for the others, so arrival order decides who goes on, arms get very different budgets, and in the
+    quickstart 3 of 5 arms never trained a trial to the end. Per arm, the same rules and the same budget hold for
+    each arm, and ASHA lets every arm's first trial at each rung go on, so every arm ends with its best
+    configurations trained to the full budget (PBT is per arm already: `sweeps.space.PerArmPBT`)."""
+
+    def __init__(self, spec: Spec, make: Callable[[Spec], TrialScheduler]):
+        super().__init__()
+        self.by_arm = {arm: make(spec) for arm in spec.arm_settings()}
+
+    @property
+    def metric(self) -> str | None:
+        return next(iter(self.by_arm.values())).metric
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec) -> bool:
+        return all([s.set_search_properties(metric, mode, **spec) for s in self.by_arm.values()])
+
+    def _of(self, trial) -> TrialScheduler:
+        return self.by_arm[trial.config["arm"]["name"]]
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self._of(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        self._of(trial).on_trial_error(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        return self._of(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        self._of(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        self._of(trial).on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return "\n".join(f"{arm}: {scheduler.debug_string()}" for arm, scheduler in self.by_arm.items())
+
+
+SCHEDULERS = {"fifo": lambda spec: FIFOScheduler(), "asha": lambda spec: PerArm(spec, _asha),
+              "hyperband": lambda spec: PerArm(spec, AsyncHyperBand), "median": lambda spec: PerArm(spec, _median),
               "pbt": _pbt}
 
 

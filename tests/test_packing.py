@@ -256,12 +256,12 @@ def by_config(results_dir) -> dict[tuple, dict[int, dict]]:
     return out
 
 
-def asha_rungs(results_dir) -> list[tuple[int, dict[str, float]]]:
-    """ASHA's rungs as the sweep left them: (epoch, {trial id: reward}), in the order results reached it."""
+def asha_rungs(results_dir) -> dict[str, list[tuple[int, dict[str, float]]]]:
+    """Arm -> its ASHA's rungs as the sweep left them: (epoch, {trial id: reward}), in the order results reached it."""
     [state] = results_dir.glob("callback-states-*.pkl")
     with open(state, "rb") as f:
         scheduler = pickle.load(f)[0]["scheduler"]  # sweeps.runner.SchedulerState, the first callback
-    return scheduler["_brackets"][0]._rungs
+    return {arm: asha._brackets[0]._rungs for arm, asha in scheduler["by_arm"].items()}  # sweeps.runner.PerArm
 
 
 @pytest.mark.slow
@@ -288,14 +288,16 @@ def test_a_packed_sweep_trains_each_trial_as_alone_and_asha_stops_the_trials_it_
     trial_config = {r["trial_id"]: config for config, rows in packed.items() for r in rows.values()}
     stopped = {tid for tid, config in trial_config.items() if max(packed[config]) < 4}
     predicted = set()
-    for milestone, recorded in asha_rungs(runs[4]):
-        earlier = []
-        for trial_id, _ in recorded.items():
-            reward = -alone[trial_config[trial_id]][milestone]["val_loss"]  # mode min: ASHA keeps -val_loss
-            cutoff = np.nanpercentile(earlier, 50) if earlier else None  # reduction factor 2: the top half goes on
-            if cutoff is not None and reward < cutoff and milestone < 4:  # a stop at the last epoch changes nothing
-                predicted.add(trial_id)
-            earlier.append(reward)
+    for arm, rungs in asha_rungs(runs[4]).items():  # each arm's trials judged against that arm's alone
+        for milestone, recorded in rungs:
+            earlier = []
+            for trial_id, _ in recorded.items():
+                assert trial_config[trial_id][0] == arm
+                reward = -alone[trial_config[trial_id]][milestone]["val_loss"]  # mode min: ASHA keeps -val_loss
+                cutoff = np.nanpercentile(earlier, 50) if earlier else None  # reduction factor 2: the top half goes on
+                if cutoff is not None and reward < cutoff and milestone < 4:  # a stop at the last epoch changes nothing
+                    predicted.add(trial_id)
+                earlier.append(reward)
     assert stopped and predicted == stopped
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import optuna
@@ -66,6 +67,59 @@ def test_validate_shows_each_schedulers_plan():
         "at epochs 1, 3 / at epochs 3 / never (runs to 9)" in plans["hyperband"]
     assert "median: from epoch 1" in plans["median"] and "once 3 have reached it" in plans["median"]
     assert "pbt: every 2 epochs, a trial in the bottom 25% of its arm copies" in plans["pbt"]
+
+
+# --- early stopping judges a trial against its own arm only (fake trials, as Ray's own scheduler tests) ---------
+
+def _drive_scheduler(name: str, arms: dict[str, list[list[float]]], order: list[str], epochs: int = 9,
+                     **settings) -> dict[str, list[int]]:
+    """Run the spec's scheduler `name` over fake trials: arm -> one score curve per trial. Trials run one after
+    another in `order` (arm names, each taking that arm's next trial), the worst case for a scheduler shared by
+    arms whose trials arrive in turn. Returns arm -> epochs each of its trials trained."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from sweeps.runner import SCHEDULERS
+
+    spec = validate_spec({"name": "s", "train": {"epochs": epochs}, "arms": {a: {"lr": 0.1} for a in arms},
+                          "scheduler": {"name": name, "grace_period": 1, **settings}}, "spec.yaml")
+    scheduler = SCHEDULERS[name](spec)
+    scheduler.set_search_properties("val_acc", "max")
+    controller = SimpleNamespace(get_live_trials=list)  # no trial waiting: the median rule never pauses one
+    next_trial, trained = dict.fromkeys(arms, 0), {a: [] for a in arms}
+    for arm in order:
+        curve = arms[arm][next_trial[arm]]
+        next_trial[arm] += 1
+        trial = Trial("__fake", config={"arm": {"name": arm}}, stub=True)
+        scheduler.on_trial_add(controller, trial)
+        for epoch, score in enumerate(curve, start=1):
+            result = {"epoch": epoch, "val_acc": score}
+            if epoch == len(curve) or scheduler.on_trial_result(controller, trial, result) == TrialScheduler.STOP:
+                scheduler.on_trial_complete(controller, trial, result)
+                break
+        trained[arm].append(epoch)
+    return trained
+
+
+CURVES = [[0.5 + 0.04 * e + 0.01 * ((7 * t) % 5) for e in range(9)] for t in range(9)]  # nine trials, mixed quality
+
+
+@pytest.mark.parametrize("name", ["asha", "hyperband", "median"])
+def test_identical_arms_get_the_same_budget_whichever_arm_reports_first(name):
+    # Arm a's trials all run before arm b's: one scheduler over both would fill every rung with a's results first.
+    for order in (["a"] * 9 + ["b"] * 9, [*np.random.default_rng(0).permutation(["a"] * 9 + ["b"] * 9)]):
+        trained = _drive_scheduler(name, {"a": CURVES, "b": CURVES}, order, reduction_factor=3)
+        assert trained["a"] == trained["b"], (order, trained)
+        assert sum(trained["a"]) < 81, f"{name} stopped nothing: {trained}"
+
+
+@pytest.mark.parametrize("name", ["asha", "hyperband", "median"])
+def test_a_weak_arm_still_trains_a_trial_to_the_end(name):
+    strong = [[0.9 + 0.005 * e for e in range(9)]] * 6
+    weak = [[0.3 + 0.005 * e + 0.001 * t for e in range(9)] for t in range(6)]
+    order = ["strong"] * 3 + [arm for pair in zip(["weak"] * 6, ["strong"] * 3 + [None] * 3) for arm in pair if arm]
+    trained = _drive_scheduler(name, {"strong": strong, "weak": weak}, order, reduction_factor=3)
+    assert max(trained["weak"]) == 9 and max(trained["strong"]) == 9, trained
 
 
 # --- PBT: the copied trial trains with its new settings ------------------------------------------------------

@@ -91,31 +91,33 @@ def test_missing_data_dir_exits_2_naming_it(tmp_path, tiny_spec):
     assert not (tmp_path / "results" / "tiny").exists()
 
 
-def test_asha_stops_the_hopeless_arm_early(tmp_path, tiny_spec):
-    # One trial at a time in grid order (good s0, hopeless s0, good s1, ...), so whenever the hopeless
-    # arm (lr 1e-7: it cannot learn in 4 epochs) reaches a rung, a good result is already recorded
-    # there and ASHA cuts it, however loaded the machine is.
+def test_asha_stops_a_hopeless_configuration_within_its_arm_and_spares_a_lone_arm(tmp_path, tiny_spec):
+    # One trial at a time in grid order (adam good s0, adam hopeless s0, sgd s0, adam good s1, ...), so whenever
+    # the hopeless learning rate (1e-7: it cannot learn in 4 epochs) reaches a rung, a good result of its own arm
+    # is already recorded there and ASHA cuts it, however loaded the machine is. The sgd arm is judged against
+    # itself only: its first trial at each rung goes on, so it ends with a trial trained to the end.
     tiny_spec.update(
         train={"epochs": 4},
-        arms={"good": {"optimizer": "adam", "lr": 0.003}, "hopeless": {"optimizer": "sgd", "lr": 1.0e-7}},
+        arms={"adam": {"optimizer": "adam", "lr": {"grid": [0.003, 1.0e-7]}}, "sgd": {"optimizer": "sgd", "lr": 0.05}},
         space={"seed": {"grid": [0, 1, 2]}},
         search={"max_concurrent": 1},
         scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2},
     )
     out = run_ok("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path / "results"))
     trials = trial_results(tmp_path / "results" / "tiny")
-    epochs = {name: rows[-1]["epoch"] for name, rows in trials.items()}
+    epochs = {(rows[0]["config"]["arm"]["name"], rows[0]["config"]["arm"]["optim.lr"]): [] for rows in trials.values()}
+    for rows in trials.values():
+        epochs[rows[0]["config"]["arm"]["name"], rows[0]["config"]["arm"]["optim.lr"]].append(rows[-1]["epoch"])
     # The console names the winners comparison.md names, judged on trials that ran to the end, not on the
-    # hopeless arm's epoch-1 scores.
+    # hopeless configuration's epoch-1 scores.
     comparison = pd.read_csv(tmp_path / "results" / "tiny" / "report" / "comparison.csv")
     printed = out[out.index("Comparison (as in report/comparison.md)"):].splitlines()[2:4]
     assert [line.split()[:2] for line in printed] == [[str(r), a] for r, a in zip(comparison["rank"], comparison["arm"])]
-    assert comparison["arm"].tolist() == ["good", "hopeless"]
-    hopeless = [e for n, e in epochs.items() if n.startswith("hopeless")]
-    good = [e for n, e in epochs.items() if n.startswith("good")]
-    assert len(hopeless) == 3 and len(good) == 3
-    assert max(hopeless) < 4, f"ASHA should have stopped the hopeless arm early: {epochs}"
-    assert max(good) == 4
+    assert sorted(comparison["arm"]) == ["adam", "sgd"]
+    assert "optim.lr=0.003" in comparison.set_index("arm").at["adam", "best_config"]
+    assert all(len(e) == 3 for e in epochs.values()), epochs
+    assert max(epochs["adam", 1.0e-7]) < 4, f"ASHA should have stopped the hopeless configuration early: {epochs}"
+    assert max(epochs["adam", 0.003]) == 4 and max(epochs["sgd", 0.05]) == 4, epochs
 
 
 def test_optuna_sweep_gives_each_arm_its_budget_within_its_range(tmp_path, tiny_spec):
