@@ -12,11 +12,32 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from analysis.budget import TUNING_ASSUMES, time_to_target, tuning_curves
-from analysis.figures import FIGURES, NotApplicable
+from analysis.budget import (
+    TUNING_ASSUMES,
+    time_to_target,
+    trial_compute_seconds,
+    tuning_curves,
+)
+from analysis.figures import (
+    FIGURES,
+    ComparisonInfo,
+    NotApplicable,
+    arm_colours,
+    comparison_plot,
+)
+from analysis.report import header_notes, smoke_tag
 from analysis.results import FINISHED, ResultsError, load_results
+from analysis.stats import (
+    holm,
+    metric_range,
+    metric_resolution,
+    minimum_detectable_effect,
+    paired_sd,
+    paired_test,
+    rank_key,
+    summarize,
+)
 from analysis.tables import compare
-from analysis.stats import holm, minimum_detectable_effect, paired_sd, paired_test, rank_key, summarize
 
 GOOD_LR_TOLERANCE = 0.01  # a tuning trial is "good" if its final metric is within this of its arm's best
 POWER = 0.8  # the detection probability behind each pair's minimum detectable effect (mde)
@@ -42,7 +63,7 @@ class ArmSeeds(NamedTuple):
 class Pair(NamedTuple):
     better: str
     worse: str
-    mean_diff: float  # mean over paired seeds of better - worse (in the metric's units, sign by mode)
+    mean_diff: float  # mean over paired seeds of better - worse, in the metric's units (negative when lower is better)
     p_value: float  # paired t-test, two-sided; NaN when not testable
     p_holm: float  # Holm-adjusted over all pairs of arms
     significant: bool
@@ -50,6 +71,8 @@ class Pair(NamedTuple):
     why_not: str  # why the pair was not tested ("" when it was)
     sd_diff: float  # std of the paired differences
     mde: float  # the smallest true difference these seeds detect with power POWER at alpha / number of tested pairs
+    tied: bool  # both arms have the same score on every seed both finished
+    mode: str  # "max" or "min": which direction of the metric is better
 
 
 def pairwise(arms: dict[str, ArmSeeds], mode: str, alpha: float) -> list[Pair]:
@@ -57,33 +80,52 @@ def pairwise(arms: dict[str, ArmSeeds], mode: str, alpha: float) -> list[Pair]:
 
     The family is all pairs, so with Holm's step-down the chance of any false "better" claim is at most
     alpha. A pair is tested only when both arms have a finite score on every seed they finished: testing
-    the survivors of an arm that lost seeds to divergence would judge it on its lucky seeds. A tested pair's
-    better arm is the one ahead on the seeds both finished (what the test compares), which need not be the
-    one whose own seeds average higher when some of its seeds did not finish.
+    the survivors of an arm that lost seeds to divergence would judge it on its lucky seeds; nor when an arm
+    diverged on every seed (it ranks last). A tested pair's better arm is the one ahead on the seeds both
+    finished (what the test compares), which need not be the one whose own seeds average higher when some of
+    its seeds did not finish; an untested pair keeps the ranking's order.
     """
     sign = 1 if mode == "max" else -1
     pairs = []
     for a, b in itertools.combinations(arms, 2):
         if arms[b].key(sign) > arms[a].key(sign):
             a, b = b, a
-        lost = [arm for arm in (a, b) if not np.isfinite(arms[arm].values).all()]
         joined = pd.concat([arms[a].values, arms[b].values], axis=1, join="inner").to_numpy(float)
         finite = joined[np.isfinite(joined).all(axis=1)]
         diff = sign * float((finite[:, 0] - finite[:, 1]).mean()) if len(finite) else np.nan
-        if not lost and diff < 0:  # b is ahead where the two can be compared
-            a, b, diff, joined, finite = b, a, -diff, joined[:, ::-1], finite[:, ::-1]
-        if lost:
-            why, p = f"{' and '.join(lost)} has no finite score on some seeds (diverged)", np.nan
-        else:
-            p = paired_test(joined[:, 0], joined[:, 1]).p_value if len(joined) else np.nan
-            why = "" if np.isfinite(p) else "fewer than 2 paired seeds, or the same difference on every seed"
+        tied = len(joined) > 0 and np.array_equal(joined[:, 0], joined[:, 1], equal_nan=True)
+        why = _why_untested(arms, a, b, tied)
+        p = np.nan if why else paired_test(joined[:, 0], joined[:, 1]).p_value
+        if not why and not np.isfinite(p):
+            why = "fewer than 2 paired seeds, or the same difference on every seed"
+        if not why and diff < 0:  # a tested pair: b is ahead where the two are compared
+            a, b, diff, finite = b, a, -diff, finite[:, ::-1]
         sd = paired_sd(finite[:, 0], finite[:, 1])
-        pairs.append((a, b, diff, p, len(finite), why, sd))
-    adjusted = holm([p for _, _, _, p, _, _, _ in pairs])
+        pairs.append((a, b, sign * diff, p, len(finite), why, sd, tied))
+    adjusted = holm([p for _, _, _, p, *_ in pairs])
     level = alpha / max(1, int(np.isfinite(adjusted).sum()))  # Holm's first, strictest, step
-    return [Pair(a, b, d, p, q, bool(q < alpha), n, why, sd, minimum_detectable_effect(sd, n, level, POWER)
-                 if not why else np.nan)
-            for (a, b, d, p, n, why, sd), q in zip(pairs, adjusted)]
+    return [Pair(a, b, d, p, q, bool(q < alpha), n, why, sd,
+                 minimum_detectable_effect(sd, n, level, POWER) if not why else np.nan, tied, mode)
+            for (a, b, d, p, n, why, sd, tied), q in zip(pairs, adjusted)]
+
+
+def _why_untested(arms: dict[str, ArmSeeds], a: str, b: str, tied: bool) -> str:
+    """Why the pair (a ranked above b) is not tested, or "" when it is."""
+    if tied:
+        return "the same score on every seed both finished"
+    lost = [arm for arm in (a, b) if not np.isfinite(arms[arm].values).all()]
+    if lost:
+        return f"{' and '.join(lost)} has no finite score on some seeds (diverged)"
+    dead = [arm for arm in (a, b) if len(arms[arm].diverged) and arms[arm].diverged.all()]
+    if dead:  # ranked last whatever its scores: a model that never trained to the end is no candidate
+        return f"{' and '.join(dead)} diverged on every seed"
+    return ""
+
+
+def signed_difference(pair: Pair, metric: str) -> tuple[str, str]:
+    """(`ece −0.0100`, `lower is better`): better − worse in the metric's own units, and which way is better."""
+    signed = f"{pair.mean_diff:+.4f}".replace("-", "\u2212")  # a minus sign, not a hyphen
+    return f"{metric} {signed}", f"{'higher' if pair.mode == 'max' else 'lower'} is better"
 
 
 def verdict(pair: Pair, metric: str, arms: dict[str, ArmSeeds] | None = None) -> str:
@@ -91,16 +133,25 @@ def verdict(pair: Pair, metric: str, arms: dict[str, ArmSeeds] | None = None) ->
     facts = "; ".join(f for f in (arms[pair.better].facts(pair.better), arms[pair.worse].facts(pair.worse)) if f) \
         if arms else ""
     facts = f"; {facts}" if facts else ""
+    if pair.tied:
+        return f"{pair.better} and {pair.worse} tied: the same {metric} on every seed{_both(pair, arms)}{facts}"
     if pair.why_not:
         return f"{pair.better} ranks above {pair.worse}, not tested: {pair.why_not}{facts}"
     stats = (f"paired t-test over {pair.n} seeds p = {pair.p_value:.3g}, Holm-adjusted p = {pair.p_holm:.3g}"
              f"{facts}")
+    difference, direction = signed_difference(pair, metric)
     if pair.significant:
-        return f"{pair.better} is better than {pair.worse}: {metric} {pair.mean_diff:+.4f} on average ({stats})"
+        return f"{pair.better} is better than {pair.worse}: {difference} on average ({direction}; {stats})"
     missed = (f"; with {pair.n} seeds it could have missed a true difference of up to {pair.mde:.4f} "
               f"({POWER:.0%} power at Holm's strictest level)" if np.isfinite(pair.mde) else "")
-    return (f"{pair.better} vs {pair.worse}: no detectable difference at this budget ({metric} difference "
-            f"{pair.mean_diff:.4f}, {stats}){missed}")
+    return (f"{pair.better} vs {pair.worse}: no detectable difference at this budget "
+            f"({difference} on average, {direction}; {stats}){missed}")
+
+
+def _both(pair: Pair, arms: dict[str, ArmSeeds] | None) -> str:
+    """` both finished` when the two arms did not finish the same seeds, else ``."""
+    same = arms is None or set(arms[pair.better].values.index) == set(arms[pair.worse].values.index)
+    return "" if same else " both finished"
 
 
 def lr_robustness(tune_trials: pd.DataFrame, metric: str, mode: str, lr_key: str = "optim.lr") -> pd.DataFrame:
@@ -150,13 +201,15 @@ def protocol_tables(results_dir: Path, alpha: float = 0.05, target: float | None
     ranked = sorted(arms, key=lambda a: arms[a].key(sign), reverse=True)
     arms = {a: arms[a] for a in ranked}
     pairs = pairwise(arms, mode, alpha)
+    resolution = metric_resolution(metric, confirm.confusion)
     top = ranked[0] if ranked else None
     settings = [h for h in confirm.hyperparameters if h != seed_key]
     rows = []
     for rank, arm in enumerate(ranked, 1):
         group, seeds = trials[trials["arm"] == arm], arms[arm]
         done = group[group["status"].isin(FINISHED)]
-        acc, loss = summarize(seeds.values), summarize(done.get("final_test_loss", np.nan))
+        acc = summarize(seeds.values, bounds=metric_range(metric), resolution=resolution)
+        loss = summarize(done.get("final_test_loss", np.nan), bounds=metric_range("test_loss"))
         vs_top = next((p for p in pairs if {p.better, p.worse} == {arm, top}), None)
         first = group.iloc[0]
         notes = [seeds.facts(arm).removeprefix(f"{arm}: ")]
@@ -167,6 +220,8 @@ def protocol_tables(results_dir: Path, alpha: float = 0.05, target: float | None
             call = "diverged on every seed"
         elif arm == top:
             call = "top"
+        elif vs_top is not None and vs_top.tied:
+            call = f"tied with {top}: the same {metric} on every seed both finished"
         elif vs_top is None or vs_top.why_not:
             call = "not tested" + (f": {vs_top.why_not}" if vs_top else "")
         elif vs_top.significant and vs_top.better == arm:  # ranked below on its own seeds, ahead on the shared ones
@@ -183,12 +238,13 @@ def protocol_tables(results_dir: Path, alpha: float = 0.05, target: float | None
             "verdict_vs_top": call, "note": "; ".join(n for n in notes if n),
         })
     compute = []
+    tune_seconds, confirm_seconds = trial_compute_seconds(tune), trial_compute_seconds(confirm)  # training and eval
     for arm in ranked:
         t, c = tune.trials[tune.trials["arm"] == arm], trials[trials["arm"] == arm]
         compute.append({"arm": arm, "tune_trials": len(t), "tune_epochs": int(t["epochs_run"].sum()),
-                        "tune_seconds": float(np.nansum(t["wall_time_s"])), "confirm_trials": len(c),
+                        "tune_seconds": float(np.nansum(tune_seconds[t["trial_id"]])), "confirm_trials": len(c),
                         "confirm_epochs": int(c["epochs_run"].sum()),
-                        "confirm_seconds": float(np.nansum(c["wall_time_s"]))})
+                        "confirm_seconds": float(np.nansum(confirm_seconds[c["trial_id"]]))})
     timed = time_to_target(confirm, compare(confirm), target) if not trials.empty else pd.DataFrame(columns=["arm"])
     compute = pd.DataFrame(compute, columns=["arm", "tune_trials", "tune_epochs", "tune_seconds", "confirm_trials",
                                              "confirm_epochs", "confirm_seconds"])
@@ -217,8 +273,7 @@ def protocol_page(results_dir: Path, spec: dict, style: str, plotlyjs: str, html
     name = html.escape(str(spec.get("name", results_dir.name)))
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{name}: protocol report</title>",
              f"<style>{style}</style><script>{plotlyjs}</script></head><body><h1>{name}</h1>"]
-    if spec.get("description"):
-        parts.append(f"<p class='description'>{html.escape(str(spec['description']))}</p>")
+    parts.append(header_notes(spec))
     if t["tune"].partial or t["confirm"].partial:
         parts.append("<p class='partial'><b>Partial results.</b> A stage has not finished; run "
                      "<code>sweep resume</code>, then <code>sweep report</code> again.</p>")
@@ -233,30 +288,41 @@ def protocol_page(results_dir: Path, spec: dict, style: str, plotlyjs: str, html
         "evaluated once per trial, after its last epoch. Verdicts: paired t-tests over seeds (seed i of one arm "
         f"against seed i of another) for every pair of arms, Holm-corrected so the chance of any false "
         f"'better' claim is at most {protocol.get('alpha', 0.05)}.</p>")
-    parts.append("<h2>Verdict</h2><ul>" + "".join(
+    parts.append(f"<h2>Verdict{smoke_tag(spec)}</h2><ul>" + "".join(
         f"<li>{html.escape(verdict(p, metric, t['arms']))}</li>" for p in t["pairs"]) + "</ul>")
-    parts += ["<h2>Per arm (confirm stage, test split)</h2>", html_table(verdicts)]
+    parts += ["<h2>Per arm (confirm stage, test split)</h2>",
+              html_table(verdicts, details=["test_loss_mean", "test_loss_ci95_low", "test_loss_ci95_high", "p_vs_top"])]
+    palette = arm_colours(list(spec.get("arms") or {}), list(verdicts["arm"]))  # once: one colour per arm throughout
+    if len(verdicts):
+        fig = comparison_plot(confirm_info(t), palette, f"Confirm stage: {metric} of each arm",
+                              "points: each seed; diamond and bar: mean and 95% CI (kept inside the metric's range), "
+                              "as in the table; best first")
+        parts.append(f"<figure>{fig.to_html(full_html=False, include_plotlyjs=False, div_id='figure-confirm-seeds')}"
+                     "</figure>")
     parts += ["<h2>Learning-rate robustness (tune stage)</h2><p class='method'>Good trials: final "
               f"validation metric within {GOOD_LR_TOLERANCE} of the arm's best; the width of their learning-rate "
               "range in decades says how forgiving the arm is to tuning.</p>", html_table(t["robustness"])]
     parts += ["<h2>Power: what the confirm stage could have detected</h2><p class='method'>For each pair: the "
-              f"smallest true difference its paired seeds detect with {POWER:.0%} power, from the observed spread of "
-              "the paired differences, at alpha over the number of tested pairs (Holm's first and strictest step, so "
-              "the figure errs on the large side). A 'no detectable difference' verdict could have missed a "
+              f"smallest true difference its paired seeds detect with {POWER:.0%} power, at alpha over the number of "
+              "tested pairs (Holm's first and strictest step, so the figure errs on the large side). The spread of "
+              "the paired differences is measured on these few seeds and may be an underestimate: the power is "
+              "averaged over the true spreads the observed one leaves possible, so that over repeated confirm stages "
+              f"a true difference of this size is detected {POWER:.0%} of the time. A 'no detectable difference' "
+              "verdict could have missed a "
               "difference up to this size; <code>sweep plan DIR --effect D</code> says how many seeds a difference "
               "D needs.</p>", html_table(t["power"])]
     target_text = ("set with sweep report --target" if target is not None else "the best score more than "
                    "half of every arm's confirm seeds reach; set another with sweep report --target")
     parts += ["<h2>Compute spent per arm, and time to target</h2><p class='method'>Time to target (confirm stage, "
-              f"validation {t['confirm'].metric}, target {target_text}): epochs and seconds until each seed first "
-              "reaches it, the median over seeds, a seed that never reached it counting as never.</p>",
+              f"validation {t['confirm'].metric}, target {target_text}): epochs and seconds (of training and "
+              "evaluation, as the trials timed them) until each seed first reaches it, the median over seeds, a seed that never reached it counting as never.</p>",
               html_table(t["compute"])]
     if len(t["tuning"]):
         parts.append(f"<p class='method'>Tuning curves (tune stage): {html.escape(TUNING_ASSUMES)}</p>")
     for stage, key in (("tune", "lr_sensitivity"), ("tune", "tuning_curves"), ("confirm", "learning_curves")):
         results = t[stage]
         try:
-            fig = FIGURES[key](results, compare(results))
+            fig = FIGURES[key](results, compare(results), palette)
         except NotApplicable as reason:
             parts.append(f"<p>{key.replace('_', ' ')} ({stage}): not shown: {html.escape(str(reason))}</p>")
             continue
@@ -275,9 +341,18 @@ def protocol_page(results_dir: Path, spec: dict, style: str, plotlyjs: str, html
     return "\n".join(parts), tables
 
 
+def confirm_info(t: dict[str, object]) -> ComparisonInfo:
+    """The confirm stage's figure: each arm's seeds (as `protocol_tables` judged them) with the table's mean and CI."""
+    verdicts, metric = t["verdicts"], t["metric"]
+    mean, low, high = (verdicts[f"{metric}_{c}"].to_numpy(float) for c in ("mean", "ci95_low", "ci95_high"))
+    return ComparisonInfo(metric, verdicts["arm"].tolist(), mean, low, high,
+                          [t["arms"][arm].values for arm in verdicts["arm"]])
+
+
 def is_protocol(results_dir: Path) -> bool:
     return (results_dir / "tune").is_dir() and (results_dir / "tune" / "spec.yaml").exists()
 
 
-__all__ = ["ArmSeeds", "Pair", "pairwise", "confirm_seeds", "verdict", "lr_robustness", "protocol_tables", "protocol_page", "is_protocol",
+__all__ = ["ArmSeeds", "Pair", "pairwise", "confirm_seeds", "verdict", "lr_robustness", "protocol_tables", "protocol_page", "confirm_info",
+           "is_protocol",
            "ResultsError"]

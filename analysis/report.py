@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import datetime
 import html
+import io
 import os
+import shutil
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -16,23 +19,41 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs, get_plotlyjs_version
 
-from analysis.budget import TUNING_ASSUMES, time_to_target, tuning_curves
-from analysis.figures import FIGURES, NotApplicable, pbt_copies
+from analysis.budget import (
+    TUNING_ASSUMES,
+    time_to_target,
+    trial_compute_seconds,
+    tuning_curves,
+)
+from analysis.figures import FIGURES, NotApplicable, pbt_copies, report_colours
 from analysis.results import STATUSES, Results, ResultsError, _read_spec, load_results
-from analysis.tables import (Comparison, compare, comparison_markdown, display, pareto_table, reference_table,
-                             seed_columns)
+from analysis.tables import (
+    CONCLUSION,
+    Comparison,
+    compare,
+    comparison_markdown,
+    display,
+    pareto_table,
+    reference_table,
+    seed_columns,
+)
 
 STYLE = """
-body { font: 15px/1.45 system-ui, sans-serif; color: #222; max-width: 1280px; margin: 0 auto; padding: 0 24px 48px; }
+body { font: 15px/1.45 system-ui, sans-serif; color: #222; max-width: 1400px; margin: 0 auto; padding: 0 24px 48px; }
 h1 { margin: 24px 0 4px; } h2 { margin-top: 36px; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
 .description { color: #555; margin-top: 0; }
-.partial { background: #fff4ce; border: 1px solid #e0c060; padding: 8px 12px; border-radius: 4px; }
+.partial, .smoke { background: #fff4ce; border: 1px solid #e0c060; padding: 8px 12px; border-radius: 4px; }
 dl.facts { display: grid; grid-template-columns: max-content auto; gap: 4px 16px; }
 dl.facts dt { font-weight: 600; } dl.facts dd { margin: 0; }
 table.data { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
-table.data th, table.data td { border: 1px solid #ddd; padding: 4px 8px; text-align: right; }
-table.data th { background: #f4f4f4; } table.data td:nth-child(-n+3) { text-align: left; }
-table.data tbody tr:first-child { background: #eef7ee; }
+table.data th, table.data td { border: 1px solid #ddd; padding: 4px 6px; text-align: right; white-space: nowrap; }
+table.data th { background: #f4f4f4; vertical-align: bottom; }
+table.data .text, table.data .prose { text-align: left; } table.data td.prose { white-space: normal; min-width: 11em; }
+table.data tbody tr:first-child { background: #eef7ee; } table.trials tbody tr:first-child { background: none; }
+table.sortable th { cursor: pointer; } table.sortable th[aria-sort]::after { content: " \\25B4"; }
+table.sortable th[aria-sort=descending]::after { content: " \\25BE"; }
+h2 .smoke { font-size: 14px; font-weight: normal; padding: 2px 8px; vertical-align: middle; }
+.columns:not(.all) .detail { display: none; } label.columns-toggle { font-size: 13px; color: #444; }
 .method { color: #444; font-size: 14px; max-width: 1000px; }
 figure { margin: 28px 0; } .scroll { overflow-x: auto; } footer { margin-top: 40px; color: #666; font-size: 13px; }
 """
@@ -49,7 +70,6 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, *, 
     out = Path(out_dir) if out_dir is not None else results.directory / "report"
     out.mkdir(parents=True, exist_ok=True)
 
-    _log("tables")
     comparison = compare(results)
     reference = reference_table(results, comparison)
     compute = compute_table(results, comparison, target)
@@ -71,11 +91,11 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, *, 
     for filename, data in tables.items():
         _write_atomic(out / filename, data)
 
-    _log("figures")
     figures, skipped = {}, {}
+    palette = report_colours(results, comparison)  # once: an arm has one colour in every figure
     for name, draw in FIGURES.items():
         try:
-            figures[name] = draw(results, comparison)
+            figures[name] = draw(results, comparison, palette)
         except NotApplicable as reason:
             skipped[name] = str(reason)
     _write_atomic(out / "report.html", _page(results, comparison, reference, compute, figures, skipped,
@@ -105,29 +125,70 @@ def _write_protocol_report(results_dir: Path, out_dir: str | Path | None, target
     return out / "report.html"
 
 
-def console_summary(report_dir: str | Path) -> str:
+def console_summary(report_dir: str | Path, width: int | None = None) -> str:
     """The report's ranking and verdicts for the terminal, read back from the tables it wrote, so the console
-    and comparison.md (or a protocol's verdicts.csv) always name the same winners."""
+    and comparison.md (or a protocol's verdicts.csv) always name the same winners.
+
+    It fits `width` columns (default: the terminal's, 100 in a pipe): a table of the numbers and verdicts, each
+    row's configuration and note below it, then the sentence of what the table can conclude."""
     report_dir = Path(report_dir)
+    width = width or shutil.get_terminal_size((100, 24)).columns
     if (report_dir / "verdicts.csv").exists():  # a two-stage protocol
         table, title = pd.read_csv(report_dir / "verdicts.csv"), "Protocol verdicts (confirm stage, test split)"
-        keep = ["rank", "arm", "tuned_config", "n_seeds", "n_diverged"]
-        keep += [c for c in table.columns if c.endswith("_mean") and not c.startswith("test_loss")][:1]
-        keep += [c for c in table.columns if c.endswith("ci95_low") and not c.startswith("test_loss")][:1]
-        keep += ["verdict_vs_top", "note"]
+        source, labels, config, verdict = "verdicts.csv", ["arm"], ("Tuned configurations:", "tuned_config"), \
+            "verdict_vs_top"
+        mean = next(c for c in table.columns if c.endswith("_mean") and not c.startswith("test_loss"))
+        counts = ["n_seeds", "n_diverged"]
     else:
         table, title = pd.read_csv(report_dir / "comparison.csv", keep_default_na=False, na_values=[""]), "Comparison"
-        metric_mean = next(c for c in table.columns if c.endswith("_mean"))
-        prefix = metric_mean.removesuffix("_mean")
-        groups = table.columns[1:table.columns.get_loc("best_config")].tolist()
-        keep = ["rank", *groups, "best_config", "n_seeds", "n_seeds_diverged", metric_mean, f"{prefix}_std",
-                f"{prefix}_ci95_low", "distinguishable", "note"]
+        source, config, verdict = "comparison.md", ("Best configurations:", "best_config"), "distinguishable"
+        mean = next(c for c in table.columns if c.endswith("_mean"))
+        labels, counts = table.columns[1:table.columns.get_loc("best_config")].tolist(), ["n_seeds", "n_seeds_diverged"]
     if table.empty:
         return f"{title}: no trial has reported yet"
-    table = table.assign(note=table["note"].astype(object).fillna(""))  # an all-empty column reads back as float
-    cells = display(table[[c for c in keep if c in table] + [c for c in table if c.endswith("ci95_high")]])
-    return f"\n{title} (as in {report_dir.name}/{'verdicts.csv' if 'verdict_vs_top' in keep else 'comparison.md'}):\n" \
-        + cells.to_string(index=False) + "\n"
+    interval = [mean.replace("_mean", "_ci95_low"), mean.replace("_mean", "_ci95_high")]
+    cells = display(table[["rank", *labels, *counts, mean, *interval, verdict]])
+    cells.columns = [*cells.columns[:-4], "diverged", mean.removesuffix("_mean"), "95% CI", verdict]  # short: narrow
+    lines = ["", _wrap(f"{title} (as in {report_dir.name}/{source}):", width)]
+    if (report_dir.parent / "spec.yaml").exists() and _read_spec(report_dir.parent).get("smoke"):
+        lines.append(_wrap("Smoke run (--smoke): shrunk to check that the spec runs; these numbers are not results.",
+                           width))
+    lines.append(_fit(cells, width))
+    label = table[labels].astype(str).agg(" · ".join, axis=1)
+    for heading, column in (config, ("Notes:", "note")):
+        said = [(who, text) for who, text in zip(label, display(table[[column]]).iloc[:, 0], strict=True)
+                if text not in ("", "—")]
+        if said:
+            lines.append(heading)
+            lines += [_wrap(f"{who}: {text}", width, initial_indent="  ", subsequent_indent="    ")
+                      for who, text in said]
+    written = (report_dir / "comparison.md").read_text().splitlines() if (report_dir / "comparison.md").exists() else []
+    sentence = next((line for line in written if line.startswith(CONCLUSION)), "")  # what the table can conclude
+    if sentence:
+        lines += ["", _wrap(sentence, width)]
+    return "\n".join(lines) + "\n"
+
+
+def _wrap(text: str, width: int, **indents: str) -> str:
+    """`text` in lines of at most `width`, broken at spaces only (never inside `fair-optimizers-mnist`)."""
+    return textwrap.fill(text, width, break_on_hyphens=False, **indents)
+
+
+def _fit(cells: pd.DataFrame, width: int) -> str:
+    """`cells` as plain text within `width` columns (rich wraps the last, verdict column when it must)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False, header_style="", show_edge=False, collapse_padding=True)
+    for i, column in enumerate(cells.columns):
+        last = i == len(cells.columns) - 1
+        table.add_column(str(column), justify="left" if last or not all(map(_numeric, cells[column])) else "right",
+                         no_wrap=not last, min_width=len(str(column)) if last else None)
+    for row in cells.itertuples(index=False):
+        table.add_row(*map(str, row))
+    console = Console(file=io.StringIO(), width=width, color_system=None, highlight=False)
+    console.print(table)
+    return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines())
 
 
 TARGET_GIVEN = "set with sweep report --target"
@@ -153,9 +214,11 @@ def _write_atomic(path: Path, data: str | bytes) -> None:
 
 
 def compute_table(results: Results, comparison: Comparison, target: float | None = None) -> pd.DataFrame:
-    """Per comparison row: trials, epochs and seconds the sweep spent on it, and its time to the target."""
-    spent = results.trials.groupby(comparison.group_of[results.trials["trial_id"]].to_numpy(), sort=False).agg(
-        trials=("trial_id", "size"), epochs=("epochs_run", "sum"), seconds=("wall_time_s", "sum"))
+    """Per comparison row: trials, epochs and seconds (training and evaluation) the sweep spent on it, and its time
+    to the target."""
+    trials = results.trials.assign(seconds=trial_compute_seconds(results).to_numpy())
+    spent = trials.groupby(comparison.group_of[trials["trial_id"]].to_numpy(), sort=False).agg(
+        trials=("trial_id", "size"), epochs=("epochs_run", "sum"), seconds=("seconds", "sum"))
     timed = time_to_target(results, comparison, target).set_index("arm")
     return spent.join(timed, how="right").rename_axis("arm").reset_index()
 
@@ -166,8 +229,7 @@ def _page(results: Results, comparison: Comparison, reference: pd.DataFrame | No
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{name}: sweep report</title>",
              f"<style>{STYLE}</style><script>{get_plotlyjs()}</script></head><body>",
              f"<h1>{name}</h1>"]
-    if results.spec.get("description"):
-        parts.append(f"<p class='description'>{html.escape(str(results.spec['description']))}</p>")
+    parts.append(header_notes(results.spec))
     if results.partial:
         parts.append(f"<p class='partial'><b>Partial results.</b> {_partial_text(results)} "
                      "Numbers and figures will change; run <code>sweep report</code> again later.</p>")
@@ -175,9 +237,12 @@ def _page(results: Results, comparison: Comparison, reference: pd.DataFrame | No
     for note in results.spec.get("notes") or []:
         parts.append(f"<p class='method'>Note: {html.escape(str(note))}</p>")
 
-    parts.append("<h2>Comparison</h2>")
+    parts.append(f"<h2>Comparison{smoke_tag(results.spec)}</h2>")
     if len(comparison.table):
-        parts += [f"<p class='method'>{html.escape(comparison.method)}</p>", _html_table(comparison.table)]
+        metric = results.metric
+        parts += [f"<p class='method'>{html.escape(comparison.method)}</p>",
+                  _html_table(comparison.table, details=[f"{metric}_std", "test", "p_value", "n_configs", "n_trials",
+                                                         "n_diverged", "epochs_trained"])]
     else:
         parts.append("<p>No trial has reported yet.</p>")
     if reference is not None:
@@ -191,10 +256,11 @@ def _page(results: Results, comparison: Comparison, reference: pd.DataFrame | No
         target = compute["target"].iloc[0]
         parts += [f"<h2>Compute and time to target</h2><p class='method'>Target: {results.metric} "
                   f"{'≥' if results.mode == 'max' else '≤'} {_short(target)} on validation "
-                  f"({TARGET_GIVEN if target_given else TARGET_DEFAULT}). Epochs and seconds (Ray's clock since the "
-                  "trial began, evaluation included) until each seed of the row's best configuration first reaches "
-                  "it; the median over seeds, a seed that never reached it counting as never (AlgoPerf's time to "
-                  "result).</p>", _html_table(compute)]
+                  f"({TARGET_GIVEN if target_given else TARGET_DEFAULT}). Epochs and seconds (of training and "
+                  "evaluation, as the trials timed them: not the start-up of the worker a trial ran on) until each "
+                  "seed of the row's best configuration first reaches it; the median over seeds, a seed that never "
+                  "reached it counting as never (AlgoPerf's time to result). Seconds: the training and evaluation "
+                  "the sweep spent on the row.</p>", _html_table(compute)]
     if "tuning_curves" in figures:
         parts.append(f"<p class='method'>Tuning curves: {html.escape(TUNING_ASSUMES)}</p>")
     parts.append("<h2>Figures</h2>" + ("" if figures else "<p>No figure applies yet (see below).</p>"))
@@ -203,6 +269,8 @@ def _page(results: Results, comparison: Comparison, reference: pd.DataFrame | No
         parts.append("<figure>" + fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"figure-{key}",
                                               default_height=f"{height}px",
                                               config={"displaylogo": False, "responsive": True}) + "</figure>")
+    parts += [f"<h2>Every trial</h2><p class='method'>{TRIALS_TEXT}</p>", _html_table(trial_table(results),
+                                                                                   classes="data trials sortable")]
     if skipped:
         parts.append("<h2>Not shown</h2><ul>" + "".join(f"<li><b>{k.replace('_', ' ')}</b>: {html.escape(v)}</li>"
                                                        for k, v in skipped.items()) + "</ul>")
@@ -210,8 +278,52 @@ def _page(results: Results, comparison: Comparison, reference: pd.DataFrame | No
     generated = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     parts.append(f"<footer>Tables: {links}<br>Results: {html.escape(str(results.directory.resolve()))} · "
                  f"generated {generated} · plotly.js {get_plotlyjs_version()} embedded, works offline</footer>")
-    parts.append("</body></html>")
+    parts.append(f"<script>{SORT_JS}</script></body></html>")
     return "\n".join(parts)
+
+
+SMOKE = ("<b>Smoke run</b> (<code>--smoke</code>): the spec shrunk to check that it runs end to end (a data subset, "
+         "a few epochs, small images, one seed, a couple of trials per arm). Its numbers and verdicts are not "
+         "results and are not comparable to published ones; run it without <code>--smoke</code> for those.")
+
+
+def header_notes(spec: dict) -> str:
+    """Under the title: the spec's description, or, for a smoke run, a banner saying what it is instead (the full
+    spec's description would promise trials and epochs the smoke run did not run)."""
+    if spec.get("smoke"):
+        return f"<p class='smoke' id='smoke'>{SMOKE}</p>"
+    return f"<p class='description'>{html.escape(str(spec['description']))}</p>" if spec.get("description") else ""
+
+
+def smoke_tag(spec: dict) -> str:
+    """Beside a verdict's heading: a reminder that a smoke run's verdicts are not results."""
+    return " <span class='smoke'>smoke run: not a result</span>" if spec.get("smoke") else ""
+
+
+TRIALS_TEXT = ("One row per trial: its status, the epochs it ran, the settings that vary in this sweep and its final "
+               "metrics (an early-stopped trial's at its last epoch). Click a header to sort.")
+# Sorts a table.sortable by the clicked column: numbers as numbers, before text; a second click reverses.
+SORT_JS = """
+document.querySelectorAll('table.sortable th').forEach((th, column) => th.addEventListener('click', () => {
+  const body = th.closest('table').tBodies[0], down = th.getAttribute('aria-sort') === 'ascending';
+  th.parentElement.querySelectorAll('th').forEach(h => h.removeAttribute('aria-sort'));
+  th.setAttribute('aria-sort', down ? 'descending' : 'ascending');
+  const key = row => { const t = row.cells[column].textContent.trim(), n = t === '' ? NaN : Number(t);
+                       return isNaN(n) ? [1, t] : [0, n]; };
+  const rows = Array.from(body.rows).sort((a, b) => { const [p, x] = key(a), [q, y] = key(b);
+    return (p - q || (x < y ? -1 : x > y ? 1 : 0)) * (down ? -1 : 1); });
+  body.append(...rows);
+}));
+"""
+
+
+def trial_table(results: Results) -> pd.DataFrame:
+    """The trials as the report lists them: id, arm, status, epochs, the settings that vary, final metrics."""
+    trials = results.trials
+    settings = [h for h in results.hyperparameters if trials[h].nunique(dropna=False) > 1]
+    metrics = [f"final_{m}" for m in dict.fromkeys([*results.search_metrics, "val_acc", "val_loss", "test_acc"])]
+    columns = ["trial_id", "arm", "status", "epochs_run", *settings, *(m for m in metrics if m in trials)]
+    return trials[columns].rename(columns={"epochs_run": "epochs"})
 
 
 def _partial_text(results: Results) -> str:
@@ -231,11 +343,9 @@ def _facts(results: Results, comparison: Comparison) -> str:
     epochs = (results.spec.get("train") or {}).get("epochs")
     facts["Search"] = (f"{search.get('algorithm', '?')} over {results.metric} ({results.mode}), scheduler "
                        f"{scheduler.get('name', 'fifo')}" + (f", {epochs} epochs per trial" if epochs else ""))
-    if results.spec.get("smoke"):
-        facts["Smoke run"] = "data, epochs and image size were shrunk: not comparable to published numbers"
     if len(trials):
-        facts["Compute"] = (f"{_duration(float(np.nansum(trials['wall_time_s'])))} of trial time, "
-                            f"{int(trials['epochs_run'].sum()):,} epochs (sums over trials)")
+        facts["Compute"] = (f"{_duration(float(np.nansum(trial_compute_seconds(results))))} of training and "
+                            f"evaluation, {int(trials['epochs_run'].sum()):,} epochs (sums over trials)")
     if len(comparison.table) and comparison.members[0]:
         top = comparison.table.iloc[0]
         first = trials.set_index("trial_id").loc[comparison.members[0][0]]
@@ -259,5 +369,38 @@ def _short(value) -> str:
     return f"{value:.4g}" if isinstance(value, (float, np.floating)) else str(value)
 
 
-def _html_table(table: pd.DataFrame) -> str:
-    return "<div class='scroll'>" + display(table).to_html(index=False, classes="data", border=0) + "</div>"
+PROSE = 24  # characters: a column with longer cells (a note, a verdict, a configuration) wraps at a readable width
+
+
+def _html_table(table: pd.DataFrame, *, details: list[str] = (), classes: str = "data") -> str:
+    """`display(table)` as an HTML table that reads on a 1400 px window without scrolling sideways: numbers, labels
+    and headers stay on one line, columns of prose wrap at a readable width (CSS class `prose`), and the `details`
+    columns (the table's names) are hidden until the reader ticks "all columns" (the CSV has them all)."""
+    cells = display(table)
+    hidden = set(display(table[[c for c in table.columns if c in details]]).columns) if details else set()
+    kinds = {c: _cell_class(cells[c], c in hidden) for c in cells}
+    head = "".join(f"<th{kinds[c].replace('prose', 'text')}>{html.escape(str(c))}</th>" for c in cells)
+    rows = "".join("<tr>" + "".join(f"<td{kinds[c]}>{html.escape(str(v))}</td>" for c, v in row.items()) + "</tr>"
+                   for _, row in cells.iterrows())
+    toggle = (f"<label class='columns-toggle'><input type='checkbox' onchange=\"this.closest('.columns').classList"
+              f".toggle('all', this.checked)\"> all {len(cells.columns)} columns (also "
+              f"{html.escape(', '.join(c for c in cells if c in hidden))})</label>") if hidden else ""
+    return (f"<div class='scroll columns'>{toggle}<table class='{classes}'><thead><tr>{head}</tr></thead>"
+            f"<tbody>{rows}</tbody></table></div>")
+
+
+def _cell_class(column: pd.Series, detail: bool) -> str:
+    """Numbers (and intervals, and the dash of a missing value) align right; labels left; long text wraps."""
+    kind = "prose" if len(column) and column.str.len().max() > PROSE else \
+        "" if all(_numeric(text) for text in column) else "text"
+    names = " ".join(n for n in (kind, "detail" if detail else "") if n)
+    return f" class='{names}'" if names else ""
+
+
+def _numeric(text: str) -> bool:
+    """A number, an interval `low – high`, or the dash that stands for a missing number."""
+    try:
+        [float(part) for part in text.split(" – ")]
+    except ValueError:
+        return text == "—"
+    return True

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from results_fixtures import synthetic_sweep  # noqa: E402  (the tests' fixture builder)
 
 from analysis import load_results, write_report  # noqa: E402
-from analysis.figures import FIGURES, NotApplicable  # noqa: E402
+from analysis.figures import FIGURES, NotApplicable, report_colours  # noqa: E402
 from analysis.tables import compare, reference_table  # noqa: E402
 
 
@@ -66,10 +66,10 @@ def main() -> None:
     comparison, tables_s = timed(lambda: (c := compare(results), reference_table(results, c))[0])
 
     def draw_all():
-        drawn = {}
+        drawn, palette = {}, report_colours(results, comparison)
         for name, draw in FIGURES.items():
             try:
-                drawn[name] = draw(results, comparison)
+                drawn[name] = draw(results, comparison, palette)
             except NotApplicable:
                 pass
         return drawn

@@ -29,21 +29,22 @@ def write_spec(results_dir: Path, spec: dict) -> Path:
 
 
 def write_trial(results_dir: Path, index: int, config: dict, rows: list[dict], *, done: bool = False,
-                error: str | None = None, failures: int = 3, half_line: bool = False) -> Path:
+                error: str | None = None, failures: int = 3, half_line: bool = False, startup_s: float = 0.0) -> Path:
     """Writes one trial directory. `rows` are the metrics of each epoch (epoch numbers are added when
     missing); Ray's own keys are added as Ray writes them. `done` marks the last row as Ray does when
     the trial ends normally or ASHA stops it; `error` writes Ray's error.txt with `failures` failures (by
     default one more than the default run.max_failures of 2: failed for good); `half_line` appends a
-    half-written line."""
+    half-written line; `startup_s` is the start-up of the worker process that Ray's clock (`time_total_s`)
+    charges to the first trial a worker runs."""
     trial_id = f"{EXPERIMENT}_{index:05d}"
     arm = config.get("arm", {}).get("name", "default")
     seed = config.get("train.seed", 0)
     trial_dir = results_dir / f"train_{trial_id}_{index}_arm={arm},train.seed={seed}_2026-11-23_18-00-00"
     trial_dir.mkdir(parents=True)
     (trial_dir / "params.json").write_text(json.dumps(config, indent=2))
-    lines, total = [], 0.0
+    lines, total = [], startup_s
     for i, metrics in enumerate(rows, start=1):
-        total += metrics.get("epoch_time_s", 1.0)
+        total += metrics.get("epoch_time_s", 1.0) + metrics.get("eval_time_s", 0.0)  # as Ray times a report
         row = {"epoch": i, **metrics, "timestamp": 1795456800 + i, "checkpoint_dir_name": None,
                "done": done and i == len(rows), "training_iteration": i, "trial_id": trial_id,
                "date": "2026-11-23_18-00-00", "time_this_iter_s": metrics.get("epoch_time_s", 1.0),
@@ -136,4 +137,37 @@ def synthetic_sweep(results_dir: Path, *, n_trials: int = 36, epochs: int = 10, 
             write_trial(results_dir, index, config, rows[:stop], done=True)
         else:
             write_trial(results_dir, index, config, rows, done=True)
+    return results_dir
+
+
+def report_sweep(results_dir: Path, *, smoke: bool = False) -> Path:
+    """A sweep whose report has every kind of row (a configuration judged on some of its seeds, one chosen among
+    several, a diverged and a repeated seed, long notes), arms ranked in another order than the spec lists them,
+    and one arm (adamw) with 16 full-budget trials over two searched settings, enough for hyperparameter importance.
+    Trials report `eval_time_s` as the trainable does."""
+    arms = {"sgd": {"optim.optimizer": "sgd"}, "adam": {"optim.optimizer": "adam"},
+            "rmsprop": {"optim.optimizer": "rmsprop"}, "adamw-with-a-long-name": {"optim.optimizer": "adamw"}}
+    write_spec(results_dir, spec_for("layout", epochs=3, arms=arms, smoke=smoke,
+                                     description="The full spec: 4 arms, 29 trials of 3 epochs.",
+                                     search={"algorithm": "random", "metric": "val_acc", "mode": "max"}))
+    rng = np.random.default_rng(3)
+    runs = [("sgd", 0.1, 1e-4, seed, final) for seed, final in enumerate([0.50, 0.52, "diverged", 0.51])]
+    runs[-1] = ("sgd", 0.1, 1e-4, 0, 0.5)  # seed 0 again: one replicate per seed
+    runs += [("adam", 1e-3, 1e-4, seed, final) for seed, final in enumerate([0.90, 0.915, "stopped"])]
+    runs += [("rmsprop", lr, 1e-4, seed, final) for lr, finals in ((1e-3, [0.91, 0.92, 0.93]), (1e-2, [0.8] * 3))
+             for seed, final in enumerate(finals)]
+    for _ in range(16):  # the learning rate decides the score; weight decay hardly matters
+        lr, wd = float(10 ** rng.uniform(-4, -1)), float(10 ** rng.uniform(-6, -2))
+        runs.append(("adamw-with-a-long-name", lr, wd, 0, 0.95 - 0.1 * abs(math.log10(lr) + 2.5)
+                     + 0.002 * rng.random()))
+    for index, (arm, lr, wd, seed, final) in enumerate(runs):
+        config = {"arm": {"name": arm, **arms[arm], "optim.lr": lr, "optim.weight_decay": wd}, "train.seed": seed}
+        rows = curve_rows(0.6 if isinstance(final, str) else final, 3, lr=lr, rng=rng)
+        for row in rows:
+            row["eval_time_s"] = 0.3
+        if final == "diverged":
+            rows = rows[:2]
+            rows[-1].update(train_loss=math.nan, val_loss=math.inf, val_acc=0.1, diverged=True)
+        write_trial(results_dir, index, config, rows[:1] if final == "stopped" else rows,
+                    done=final != "diverged")
     return results_dir

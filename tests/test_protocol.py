@@ -60,7 +60,7 @@ def test_a_planted_difference_is_detected_and_worded_as_such():
     pair = pairwise({"adamw": seeds([0.95, 0.96, 0.95]), "adam": seeds([0.90, 0.92, 0.91])}, "max", 0.05)[0]
     assert pair.better == "adamw" and pair.significant and pair.n == 3
     assert verdict(pair, "test_acc").startswith("adamw is better than adam: test_acc +0.0433 on average "
-                                                "(paired t-test over 3 seeds")
+                                                "(higher is better; paired t-test over 3 seeds")
 
 
 def test_equal_arms_are_reported_as_no_detectable_difference():
@@ -145,6 +145,60 @@ def test_diverged_confirm_seeds_are_results_and_an_arm_that_always_diverged_rank
     assert any(text.startswith("steady vs flaky") or text.startswith("steady is better than flaky") for text in texts)
     assert all("flaky: 2 of 5 seeds diverged" in text for text in texts if "flaky" in text)
     assert all("dead: 5 of 5 seeds diverged" in text for text in texts if "dead" in text)
+
+
+def test_a_verdict_on_a_metric_to_minimise_prints_the_signed_difference_and_its_direction():
+    # a's ECE is 0.01 lower than b's: the sentence used to read "ece +0.0100", as if a's were higher.
+    a = np.array([0.010, 0.012, 0.011, 0.009, 0.010])
+    [pair] = pairwise({"a": seeds(a), "b": seeds(a + [0.0101, 0.0099, 0.0100, 0.0102, 0.0098])}, "min", 0.05)
+    assert (pair.better, pair.significant) == ("a", True) and pair.mean_diff == pytest.approx(-0.01)
+    assert verdict(pair, "ece").startswith("a is better than b: ece \u22120.0100 on average (lower is better; ")
+
+
+def test_an_arm_that_diverged_on_every_seed_is_never_called_better(tmp_path):
+    # dead diverged on every seed, late, with a higher test_acc than steady on each: it ranks last, and the pair
+    # sentence used to call it better than the top arm ("dead is better than steady").
+    steady = [(0.90 + 0.002 * k, False) for k in range(5)]
+    root = _protocol_dir(tmp_path / "p", tune={"steady": [("completed", 0.9)], "dead": [("completed", 0.9)]},
+                         confirm={"steady": steady, "dead": [(0.95 + 0.001 * k, True) for k in range(5)]})
+    t = protocol_tables(root)
+    assert t["verdicts"]["arm"].tolist() == ["steady", "dead"]
+    [pair] = t["pairs"]
+    assert (pair.better, pair.significant) == ("steady", False)
+    assert verdict(pair, t["metric"], t["arms"]).startswith("steady ranks above dead, not tested: dead diverged on "
+                                                             "every seed")
+
+
+def test_an_untested_pair_keeps_the_rankings_order():
+    # b shares one seed with a, and is ahead on it; a ranks above b on its own seeds. The pair is not tested (one
+    # paired seed): it used to read "b ranks above a", against the ranking.
+    a = ArmSeeds(pd.Series([0.95, 0.95, 0.96], index=[0, 1, 2]), pd.Series([False] * 3, index=[0, 1, 2]), 3)
+    b = ArmSeeds(pd.Series([0.97, 0.80, 0.80], index=[2, 3, 4]), pd.Series([False] * 3, index=[2, 3, 4]), 3)
+    [pair] = pairwise({"a": a, "b": b}, "max", 0.05)
+    assert (pair.better, pair.worse) == ("a", "b") and pair.why_not
+    assert verdict(pair, "test_acc").startswith("a ranks above b, not tested")
+
+
+def test_arms_with_the_same_score_on_every_seed_are_tied(tmp_path):
+    [pair] = pairwise({"a": seeds([0.90, 0.91, 0.92]), "b": seeds([0.90, 0.91, 0.92])}, "max", 0.05)
+    assert pair.tied and not pair.significant
+    assert verdict(pair, "test_acc") == "a and b tied: the same test_acc on every seed"  # not "a ranks above b"
+    same = [(0.95 + 0.001 * k, False) for k in range(5)]
+    root = _protocol_dir(tmp_path / "p", tune={"a": [("completed", 0.9)], "b": [("completed", 0.9)]},
+                         confirm={"a": same, "b": same})
+    verdicts = protocol_tables(root)["verdicts"].set_index("arm")
+    assert verdicts["verdict_vs_top"].iloc[1].startswith("tied with")
+
+
+def test_the_verdict_tables_intervals_stay_within_the_metrics_range(tmp_path):
+    # Accuracies near the ceiling: the Student-t interval reached above 1 (e.g. "0.9863 – 1.012").
+    root = _protocol_dir(tmp_path / "p", tune={"a": [("completed", 0.9)], "b": [("completed", 0.9)]},
+                         confirm={"a": [(v, False) for v in (0.999, 1.0, 0.997, 1.0, 0.9995)],
+                                  "b": [(v, False) for v in (0.99, 0.995, 0.999, 0.98, 0.992)]})
+    verdicts = protocol_tables(root)["verdicts"]
+    assert (verdicts["test_acc_ci95_high"] <= 1).all() and (verdicts["test_acc_ci95_low"] >= 0).all()
+    assert verdicts["test_acc_ci95_high"].iloc[0] == 1
+    assert (verdicts["test_loss_ci95_low"].dropna() >= 0).all()
 
 
 def test_diverged_seeds_without_a_test_score_rank_the_arm_below_and_are_not_tested(tmp_path):

@@ -18,8 +18,8 @@ from conftest import run_cli, trial_results, trial_settings, write_spec
 from trainables.data import Loader, load_dataset
 from trainables.models import create_model
 from trainables.optim import create_loss, create_optimizer, create_schedule
-from trainables.train import (CHECKPOINT_FILE, Trial, assigned_gpus, checkpoint_state, evaluate, load_checkpoint,
-                              pick_device, restore_state, train_sample)
+from trainables.train import (CHECKPOINT_FILE, EPOCH_METRICS, Trial, assigned_gpus, checkpoint_state, evaluate,
+                              load_checkpoint, pick_device, restore_state, train_sample)
 
 
 def test_a_gpu_is_used_only_when_ray_assigned_one():
@@ -166,3 +166,15 @@ def test_a_fixed_training_sample_is_the_same_every_time():
     a, b = train_sample(x, y, 10, seed=0), train_sample(x, y, 10, seed=0)
     assert np.array_equal(a[1], b[1]) and len(set(a[1].tolist())) == 10
     assert train_sample(x, y, 500, seed=0)[1] is y  # asking for more than there are: all of them
+
+
+def test_each_report_times_its_evaluation_apart_from_the_epochs_training(tiny_spec):
+    # epoch_time_s is training alone (samples_per_s divides by it); the evaluation a report runs is eval_time_s,
+    # so analysis counts training and evaluation without Ray's clock, which charges a worker's start-up to its
+    # first trial.
+    settings = trial_settings(tiny_spec, {"train.epochs": 2})
+    trial = Trial(settings, load_dataset("mnist5k", train_subset=400), torch.device("cpu"), loaded_subset=400,
+                  trial_id="t1")
+    reports = [trial.end_epoch(*trial.train_epoch(), 1.0, trial.lr).metrics for _ in range(2)]
+    assert [r["epoch_time_s"] for r in reports] == [1.0, 1.0]
+    assert all(0 < r["eval_time_s"] < 30 for r in reports) and "eval_time_s" in EPOCH_METRICS

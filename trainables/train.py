@@ -12,7 +12,11 @@ Contract (the same for every model and dataset):
   fixed sample of training images), so `gen_gap` compares like with like; `train_*_running` are the
   averages over the epoch's mini-batches, as a training loop prints them;
 - a non-finite training loss ends the trial with `diverged: True`: a result, not an error. It is
-  evaluated like a finished trial (test split included), outputs that are not finite counting as wrong.
+  evaluated like a finished trial (test split included), outputs that are not finite counting as wrong;
+- `epoch_time_s` is the epoch's training alone (what `samples_per_s` divides by), `eval_time_s` the evaluation of
+  this report (validation, the training sample, and at the last epoch the test split): together, the compute a
+  trial spent, without the start-up of the process it ran in (which Ray's `time_total_s` charges to a worker's
+  first trial).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from trainables.settings import device_type, resolve_settings
 
 # What every report holds: the only metrics a searcher or a scheduler can compare trials by.
 EPOCH_METRICS = ("epoch", "train_loss", "train_acc", "train_loss_running", "train_acc_running", "val_loss",
-                 "val_acc", "gen_gap", "weight_l2", "ece", "lr", "epoch_time_s", "samples_per_s")
+                 "val_acc", "gen_gap", "weight_l2", "ece", "lr", "epoch_time_s", "eval_time_s", "samples_per_s")
 FINAL_METRICS = ("test_loss", "test_acc")  # reported once, with the last epoch, where a test split exists
 
 
@@ -284,6 +288,7 @@ class Trial:
         last = self.finished
         if not (last or epoch % self.train_cfg["report_every"] == 0):
             return None  # an epoch between reports: no validation, nothing sent to Tune
+        started = time.perf_counter()
         val = evaluate(self.model, self.val_loader, self.loss_fn, self.num_classes, self.autocast)
         fit = evaluate(self.model, self.fit_loader, self.loss_fn, self.num_classes, self.autocast)  # as val is
         metrics = {
@@ -311,6 +316,7 @@ class Trial:
             if self.test_loader is not None:  # a diverged trial too: its test score is a result
                 test = evaluate(self.model, self.test_loader, self.loss_fn, self.num_classes, self.autocast)
                 metrics["test_loss"], metrics["test_acc"] = test["loss"], test["acc"]
+        metrics["eval_time_s"] = time.perf_counter() - started
         save = None
         if not self.diverged and (last or epoch % self.train_cfg["checkpoint_every"] == 0):
             state = checkpoint_state(epoch, self.model, self.optimizer, self.schedule, self.scaler, self.train_loader,
