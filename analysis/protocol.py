@@ -25,7 +25,7 @@ from analysis.figures import (
     arm_colours,
     comparison_plot,
 )
-from analysis.report import header_notes, smoke_tag
+from analysis.page import html_table, page_end, page_start, smoke_tag
 from analysis.results import FINISHED, ResultsError, load_results
 from analysis.stats import (
     holm,
@@ -264,16 +264,12 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def protocol_page(results_dir: Path, spec: dict, style: str, plotlyjs: str, html_table,
-                  target: float | None = None) -> tuple[str, dict[str, str]]:
+def protocol_page(results_dir: Path, spec: dict, target: float | None = None) -> tuple[str, dict[str, str]]:
     """The protocol report page and its tables (file name -> CSV/Markdown text)."""
     protocol = spec.get("protocol") or {}
     t = protocol_tables(results_dir, protocol.get("alpha", 0.05), target)
     metric, verdicts = t["metric"], t["verdicts"]
-    name = html.escape(str(spec.get("name", results_dir.name)))
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{name}: protocol report</title>",
-             f"<style>{style}</style><script>{plotlyjs}</script></head><body><h1>{name}</h1>"]
-    parts.append(header_notes(spec))
+    parts = [page_start(spec, str(spec.get("name", results_dir.name)), "protocol")]
     if t["tune"].partial or t["confirm"].partial:
         parts.append("<p class='partial'><b>Partial results.</b> A stage has not finished; run "
                      "<code>sweep resume</code>, then <code>sweep report</code> again.</p>")
@@ -328,12 +324,11 @@ def protocol_page(results_dir: Path, spec: dict, style: str, plotlyjs: str, html
             continue
         parts.append(f"<h2>{stage} stage: {key.replace('_', ' ')}</h2><figure>"
                      + fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"figure-{stage}-{key}") + "</figure>")
-    parts.append("<footer>Stage reports: <a href='../tune/report/report.html'>tune</a> · "
-                 "<a href='../confirm/report/report.html'>confirm</a> · tables: "
-                 "<a href='verdicts.csv'>verdicts.csv</a> · <a href='pairs.csv'>pairs.csv</a> · "
-                 "<a href='lr_robustness.csv'>lr_robustness.csv</a> · <a href='power.csv'>power.csv</a> · "
-                 "<a href='tuning_curves.csv'>tuning_curves.csv</a> · <a href='compute.csv'>compute.csv</a>"
-                 "</footer></body></html>")
+    parts.append(page_end("Stage reports: <a href='../tune/report/report.html'>tune</a> · "
+                          "<a href='../confirm/report/report.html'>confirm</a> · tables: "
+                          "<a href='verdicts.csv'>verdicts.csv</a> · <a href='pairs.csv'>pairs.csv</a> · "
+                          "<a href='lr_robustness.csv'>lr_robustness.csv</a> · <a href='power.csv'>power.csv</a> · "
+                          "<a href='tuning_curves.csv'>tuning_curves.csv</a> · <a href='compute.csv'>compute.csv</a>"))
     pairs = pd.DataFrame([p._asdict() for p in t["pairs"]])
     tables = {"verdicts.csv": verdicts.to_csv(index=False), "pairs.csv": pairs.to_csv(index=False),
               "lr_robustness.csv": t["robustness"].to_csv(index=False), "compute.csv": t["compute"].to_csv(index=False),

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.offline import get_plotlyjs, get_plotlyjs_version
+from plotly.offline import get_plotlyjs_version
 
 from analysis.budget import (
     TUNING_ASSUMES,
@@ -26,6 +26,7 @@ from analysis.budget import (
     tuning_curves,
 )
 from analysis.figures import FIGURES, NotApplicable, pbt_copies, report_colours
+from analysis.page import html_table, is_number_text, page_end, page_start, smoke_tag
 from analysis.results import STATUSES, Results, ResultsError, _read_spec, load_results
 from analysis.tables import (
     CONCLUSION,
@@ -37,27 +38,6 @@ from analysis.tables import (
     reference_table,
     seed_columns,
 )
-
-STYLE = """
-body { font: 15px/1.45 system-ui, sans-serif; color: #222; max-width: 1400px; margin: 0 auto; padding: 0 24px 48px; }
-h1 { margin: 24px 0 4px; } h2 { margin-top: 36px; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
-.description { color: #555; margin-top: 0; }
-.partial, .smoke { background: #fff4ce; border: 1px solid #e0c060; padding: 8px 12px; border-radius: 4px; }
-dl.facts { display: grid; grid-template-columns: max-content auto; gap: 4px 16px; }
-dl.facts dt { font-weight: 600; } dl.facts dd { margin: 0; }
-table.data { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
-table.data th, table.data td { border: 1px solid #ddd; padding: 4px 6px; text-align: right; white-space: nowrap; }
-table.data th { background: #f4f4f4; vertical-align: bottom; }
-table.data .text, table.data .prose { text-align: left; } table.data td.prose { white-space: normal; min-width: 11em; }
-table.data tbody tr:first-child { background: #eef7ee; } table.trials tbody tr:first-child { background: none; }
-table.sortable th { cursor: pointer; } table.sortable th[aria-sort]::after { content: " \\25B4"; }
-table.sortable th[aria-sort=descending]::after { content: " \\25BE"; }
-h2 .smoke { font-size: 14px; font-weight: normal; padding: 2px 8px; vertical-align: middle; }
-.columns:not(.all) .detail { display: none; } label.columns-toggle { font-size: 13px; color: #444; }
-.method { color: #444; font-size: 14px; max-width: 1000px; }
-figure { margin: 28px 0; } .scroll { overflow-x: auto; } footer { margin-top: 40px; color: #666; font-size: 13px; }
-"""
-
 
 def write_report(results_dir: str | Path, out_dir: str | Path | None = None, *, target: float | None = None) -> Path:
     """Reads the results under `results_dir` and writes the tables and report.html into `out_dir`
@@ -117,7 +97,7 @@ def _write_protocol_report(results_dir: Path, out_dir: str | Path | None, target
                            f"see {results_dir / 'tune' / 'report' / 'report.html'} for the tune stage so far")
     out = Path(out_dir) if out_dir is not None else results_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    page, tables = protocol_page(results_dir, spec, STYLE, get_plotlyjs(), _html_table, target)
+    page, tables = protocol_page(results_dir, spec, target)
     for filename, text in tables.items():
         _write_atomic(out / filename, text)
     _write_atomic(out / "report.html", page)
@@ -182,8 +162,9 @@ def _fit(cells: pd.DataFrame, width: int) -> str:
     table = Table(box=None, pad_edge=False, header_style="", show_edge=False, collapse_padding=True)
     for i, column in enumerate(cells.columns):
         last = i == len(cells.columns) - 1
-        table.add_column(str(column), justify="left" if last or not all(map(_numeric, cells[column])) else "right",
-                         no_wrap=not last, min_width=len(str(column)) if last else None)
+        numbers = not last and all(map(is_number_text, cells[column]))
+        table.add_column(str(column), justify="right" if numbers else "left", no_wrap=not last,
+                         min_width=len(str(column)) if last else None)
     for row in cells.itertuples(index=False):
         table.add_row(*map(str, row))
     console = Console(file=io.StringIO(), width=width, color_system=None, highlight=False)
@@ -225,11 +206,7 @@ def compute_table(results: Results, comparison: Comparison, target: float | None
 
 def _page(results: Results, comparison: Comparison, reference: pd.DataFrame | None, compute: pd.DataFrame,
           figures: dict[str, go.Figure], skipped: dict[str, str], files: list[str], target_given: bool) -> str:
-    name = html.escape(str(results.spec.get("name", results.directory.name)))
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{name}: sweep report</title>",
-             f"<style>{STYLE}</style><script>{get_plotlyjs()}</script></head><body>",
-             f"<h1>{name}</h1>"]
-    parts.append(header_notes(results.spec))
+    parts = [page_start(results.spec, str(results.spec.get("name", results.directory.name)), "sweep")]
     if results.partial:
         parts.append(f"<p class='partial'><b>Partial results.</b> {_partial_text(results)} "
                      "Numbers and figures will change; run <code>sweep report</code> again later.</p>")
@@ -241,7 +218,7 @@ def _page(results: Results, comparison: Comparison, reference: pd.DataFrame | No
     if len(comparison.table):
         metric = results.metric
         parts += [f"<p class='method'>{html.escape(comparison.method)}</p>",
-                  _html_table(comparison.table, details=[f"{metric}_std", "test", "p_value", "n_configs", "n_trials",
+                  html_table(comparison.table, details=[f"{metric}_std", "test", "p_value", "n_configs", "n_trials",
                                                          "n_diverged", "epochs_trained"])]
     else:
         parts.append("<p>No trial has reported yet.</p>")
@@ -250,7 +227,7 @@ def _page(results: Results, comparison: Comparison, reference: pd.DataFrame | No
         parts += [f"<h2>Published vs reproduced</h2><p class='method'>Published: {source}. Reproduced: mean and "
                   "std over the seeds of the arm's best configuration, final epoch. 95% PI: where a single new run "
                   "of ours would land (mean ± t·s·√(1 + 1/n)); a published number is one run, so it is judged "
-                  "against that, not against the CI of the mean.</p>", _html_table(reference)]
+                  "against that, not against the CI of the mean.</p>", html_table(reference)]
 
     if len(compute):
         target = compute["target"].iloc[0]
@@ -260,7 +237,7 @@ def _page(results: Results, comparison: Comparison, reference: pd.DataFrame | No
                   "evaluation, as the trials timed them: not the start-up of the worker a trial ran on) until each "
                   "seed of the row's best configuration first reaches it; the median over seeds, a seed that never "
                   "reached it counting as never (AlgoPerf's time to result). Seconds: the training and evaluation "
-                  "the sweep spent on the row.</p>", _html_table(compute)]
+                  "the sweep spent on the row.</p>", html_table(compute)]
     if "tuning_curves" in figures:
         parts.append(f"<p class='method'>Tuning curves: {html.escape(TUNING_ASSUMES)}</p>")
     parts.append("<h2>Figures</h2>" + ("" if figures else "<p>No figure applies yet (see below).</p>"))
@@ -269,54 +246,20 @@ def _page(results: Results, comparison: Comparison, reference: pd.DataFrame | No
         parts.append("<figure>" + fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"figure-{key}",
                                               default_height=f"{height}px",
                                               config={"displaylogo": False, "responsive": True}) + "</figure>")
-    parts += [f"<h2>Every trial</h2><p class='method'>{TRIALS_TEXT}</p>", _html_table(trial_table(results),
+    parts += [f"<h2>Every trial</h2><p class='method'>{TRIALS_TEXT}</p>", html_table(trial_table(results),
                                                                                    classes="data trials sortable")]
     if skipped:
         parts.append("<h2>Not shown</h2><ul>" + "".join(f"<li><b>{k.replace('_', ' ')}</b>: {html.escape(v)}</li>"
                                                        for k, v in skipped.items()) + "</ul>")
     links = " · ".join(f"<a href='{html.escape(f)}'>{html.escape(f)}</a>" for f in files)
     generated = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    parts.append(f"<footer>Tables: {links}<br>Results: {html.escape(str(results.directory.resolve()))} · "
-                 f"generated {generated} · plotly.js {get_plotlyjs_version()} embedded, works offline</footer>")
-    parts.append(f"<script>{SORT_JS}</script></body></html>")
+    parts.append(page_end(f"Tables: {links}<br>Results: {html.escape(str(results.directory.resolve()))} · "
+                          f"generated {generated} · plotly.js {get_plotlyjs_version()} embedded, works offline"))
     return "\n".join(parts)
-
-
-SMOKE = ("<b>Smoke run</b> (<code>--smoke</code>): the spec shrunk to check that it runs end to end (a data subset, "
-         "a few epochs, small images, one seed, a couple of trials per arm). Its numbers and verdicts are not "
-         "results and are not comparable to published ones; run it without <code>--smoke</code> for those.")
-
-
-def header_notes(spec: dict) -> str:
-    """Under the title: the spec's description, or, for a smoke run, a banner saying what it is instead (the full
-    spec's description would promise trials and epochs the smoke run did not run)."""
-    if spec.get("smoke"):
-        return f"<p class='smoke' id='smoke'>{SMOKE}</p>"
-    return f"<p class='description'>{html.escape(str(spec['description']))}</p>" if spec.get("description") else ""
-
-
-def smoke_tag(spec: dict) -> str:
-    """Beside a verdict's heading: a reminder that a smoke run's verdicts are not results."""
-    return " <span class='smoke'>smoke run: not a result</span>" if spec.get("smoke") else ""
 
 
 TRIALS_TEXT = ("One row per trial: its status, the epochs it ran, the settings that vary in this sweep and its final "
                "metrics (an early-stopped trial's at its last epoch). Click a header to sort.")
-# Sorts a table.sortable by the clicked column: numbers as numbers, before text; a second click reverses.
-SORT_JS = """
-document.querySelectorAll('table.sortable th').forEach((th, column) => th.addEventListener('click', () => {
-  const body = th.closest('table').tBodies[0], down = th.getAttribute('aria-sort') === 'ascending';
-  th.parentElement.querySelectorAll('th').forEach(h => h.removeAttribute('aria-sort'));
-  th.setAttribute('aria-sort', down ? 'descending' : 'ascending');
-  const key = row => { const t = row.cells[column].textContent.trim(), n = t === '' ? NaN : Number(t);
-                       return isNaN(n) ? [1, t] : [0, n]; };
-  const rows = Array.from(body.rows).sort((a, b) => { const [p, x] = key(a), [q, y] = key(b);
-    return (p - q || (x < y ? -1 : x > y ? 1 : 0)) * (down ? -1 : 1); });
-  body.append(...rows);
-}));
-"""
-
-
 def trial_table(results: Results) -> pd.DataFrame:
     """The trials as the report lists them: id, arm, status, epochs, the settings that vary, final metrics."""
     trials = results.trials
@@ -369,38 +312,3 @@ def _short(value) -> str:
     return f"{value:.4g}" if isinstance(value, (float, np.floating)) else str(value)
 
 
-PROSE = 24  # characters: a column with longer cells (a note, a verdict, a configuration) wraps at a readable width
-
-
-def _html_table(table: pd.DataFrame, *, details: list[str] = (), classes: str = "data") -> str:
-    """`display(table)` as an HTML table that reads on a 1400 px window without scrolling sideways: numbers, labels
-    and headers stay on one line, columns of prose wrap at a readable width (CSS class `prose`), and the `details`
-    columns (the table's names) are hidden until the reader ticks "all columns" (the CSV has them all)."""
-    cells = display(table)
-    hidden = set(display(table[[c for c in table.columns if c in details]]).columns) if details else set()
-    kinds = {c: _cell_class(cells[c], c in hidden) for c in cells}
-    head = "".join(f"<th{kinds[c].replace('prose', 'text')}>{html.escape(str(c))}</th>" for c in cells)
-    rows = "".join("<tr>" + "".join(f"<td{kinds[c]}>{html.escape(str(v))}</td>" for c, v in row.items()) + "</tr>"
-                   for _, row in cells.iterrows())
-    toggle = (f"<label class='columns-toggle'><input type='checkbox' onchange=\"this.closest('.columns').classList"
-              f".toggle('all', this.checked)\"> all {len(cells.columns)} columns (also "
-              f"{html.escape(', '.join(c for c in cells if c in hidden))})</label>") if hidden else ""
-    return (f"<div class='scroll columns'>{toggle}<table class='{classes}'><thead><tr>{head}</tr></thead>"
-            f"<tbody>{rows}</tbody></table></div>")
-
-
-def _cell_class(column: pd.Series, detail: bool) -> str:
-    """Numbers (and intervals, and the dash of a missing value) align right; labels left; long text wraps."""
-    kind = "prose" if len(column) and column.str.len().max() > PROSE else \
-        "" if all(_numeric(text) for text in column) else "text"
-    names = " ".join(n for n in (kind, "detail" if detail else "") if n)
-    return f" class='{names}'" if names else ""
-
-
-def _numeric(text: str) -> bool:
-    """A number, an interval `low – high`, or the dash that stands for a missing number."""
-    try:
-        [float(part) for part in text.split(" – ")]
-    except ValueError:
-        return text == "—"
-    return True

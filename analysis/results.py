@@ -18,6 +18,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from analysis import ResultsError
+from analysis.outcome import epoch_cap, planned_epochs, stopped_early
+
 # Keys Ray Tune adds to every result row; any other number in a row is a metric the trainable reported.
 RAY_KEYS = frozenset({
     "trial_id", "training_iteration", "time_total_s", "time_this_iter_s", "time_since_restore",
@@ -32,10 +35,6 @@ BASE_KEYS = ("trial_id", "arm", "epoch", "time_total_s")  # in every epochs tabl
 STATUSES = ("completed", "stopped", "diverged", "error", "running")
 # Trials whose final metric is a result: trained to the end, or diverged (a result, not an error).
 FINISHED = ("completed", "diverged")
-
-
-class ResultsError(Exception):
-    """The directory is not a sweep's results directory, or cannot be read."""
 
 
 @dataclass(frozen=True)
@@ -153,7 +152,7 @@ def _read_trial(trial_dir: Path, spec: dict):
               for epoch, metrics in sorted(by_epoch.items())]
 
     last = rows[-1] if rows else {}
-    planned = _planned_epochs(flat, spec)
+    planned = planned_epochs(flat, (spec.get("train") or {}).get("epochs"), epoch_cap(spec.get("scheduler") or {}))
     epochs_run = int(epochs[-1]["epoch"]) if epochs else 0  # with train.report_every > 1 not every epoch has a row
     if any(row.get("diverged") for row in rows):
         status = "diverged"
@@ -162,7 +161,7 @@ def _read_trial(trial_dir: Path, spec: dict):
     elif _failed_for_good(trial_dir, last, spec):
         status = "error"
     elif last.get("done"):
-        status = "stopped" if planned is not None else "completed"
+        status = "stopped" if planned is not None and stopped_early(epochs_run, planned, False) else "completed"
     else:
         status = "running"
     wall = last.get("time_total_s", sum(e.get("epoch_time_s", 0.0) for e in epochs) if epochs else math.nan)
@@ -224,14 +223,6 @@ def _flatten(config: dict, prefix: str = "") -> dict:
         else:
             flat[prefix + key] = value
     return flat
-
-
-def _planned_epochs(config: dict, spec: dict) -> int | None:
-    epochs = config.get("train.epochs", (spec.get("train") or {}).get("epochs"))
-    scheduler = spec.get("scheduler") or {}
-    if scheduler.get("name") in ("asha", "hyperband") and scheduler.get("max_t") and epochs is not None:
-        epochs = min(epochs, scheduler["max_t"])  # ASHA and HyperBand end every trial at max_t
-    return int(epochs) if epochs is not None else None
 
 
 def _trials_frame(rows: list[dict], hyperparameters: list[str], epochs: pd.DataFrame,

@@ -1,7 +1,8 @@
 """The comparison table: one row per arm (and per value of the spec's `compare_by` keys), holding that
 arm's best configuration, the mean, standard deviation and 95% CI of the search metric over its seeds,
-and a t-test against the top row (paired by seed where the rows share seeds, Holm-corrected over all pairs); plus the published-vs-reproduced
-table of `reference:`, judged against a prediction interval for a single run."""
+and a t-test against the top row (paired by seed where the rows share seeds, Holm-corrected over all
+pairs); plus the published-vs-reproduced table of `reference:`, judged against a prediction interval
+for a single run."""
 
 from __future__ import annotations
 
