@@ -19,6 +19,7 @@ import plotly.graph_objects as go
 from plotly.colors import hex_to_rgb, qualitative
 from plotly.subplots import make_subplots
 
+from analysis.outcome import GRACE_PERIOD, REDUCTION_FACTOR, asha_rungs
 from analysis.results import FINISHED, Results
 from analysis.tables import Comparison, seed_columns
 
@@ -397,10 +398,10 @@ def _early_stopping_info(results: Results) -> EarlyStoppingInfo:
     planned = trials["epochs_planned"].fillna(int(trials["epochs_run"].max())).to_numpy(int)
     scheduler = results.spec.get("scheduler") or {}
     rungs = []
-    if scheduler.get("name") == "asha":  # Ray's ASHA defaults: grace_period 1, reduction_factor 4
-        grace, factor = scheduler.get("grace_period", 1), scheduler.get("reduction_factor", 4)
+    if scheduler.get("name") == "asha":
         max_t = scheduler.get("max_t") or int(planned.max())  # None in a spec means "train.epochs"
-        rungs = [grace * factor ** k for k in range(64) if grace * factor ** k < max_t]
+        rungs = asha_rungs(scheduler.get("grace_period", GRACE_PERIOD),
+                           scheduler.get("reduction_factor", REDUCTION_FACTOR), max_t)
     return EarlyStoppingInfo(trials["trial_id"].tolist(), trials["epochs_run"].to_numpy(int),
                              trials["status"].tolist(), rungs, int(trials["epochs_run"].sum()),
                              int(np.maximum(planned, trials["epochs_run"]).sum()))

@@ -4,10 +4,12 @@ callbacks use it as well as the analysis."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 EPOCH_CAPPING = ("asha", "hyperband")  # schedulers that end every trial at their last rung, `max_t`
+GRACE_PERIOD, REDUCTION_FACTOR = 1, 3  # the spec's defaults (sweeps.spec.Scheduler); a spec as run states both
 
 
 def epoch_cap(scheduler: Mapping[str, Any]) -> int | None:
@@ -28,3 +30,11 @@ def stopped_early(last_epoch: int, planned: int, diverged: bool) -> bool:
     """Whether a trial that ended after `last_epoch` was stopped by its scheduler: short of its planned epochs, and
     not because it diverged (a diverged trial is a result)."""
     return last_epoch < planned and not diverged
+
+
+def asha_rungs(grace_period: float, reduction_factor: float, max_t: int, bracket: int = 0) -> list[float]:
+    """The epochs below `max_t` at which ASHA (or HyperBand's bracket `bracket`) judges a trial, laid out as Ray's
+    `async_hyperband._Bracket` lays them: grace_period * reduction_factor^(k + bracket)."""
+    count = int(math.log(max_t / grace_period) / math.log(reduction_factor) - bracket + 1)
+    epochs = (grace_period * reduction_factor ** (k + bracket) for k in range(count))
+    return [epoch for epoch in epochs if epoch < max_t]

@@ -4,6 +4,8 @@ style sheet, plotly.js inlined once, so the file works offline), the notes under
 from __future__ import annotations
 
 import html
+import json
+from pathlib import Path
 
 import pandas as pd
 from plotly.offline import get_plotlyjs
@@ -54,6 +56,16 @@ def page_start(spec: dict, name: str, kind: str) -> str:
     name = html.escape(name)
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{name}: {kind} report</title>"
             f"<style>{STYLE}</style><script>{get_plotlyjs()}</script></head><body><h1>{name}</h1>" + header_notes(spec))
+
+
+def made_with(results_dir: Path) -> str:
+    """The code and library versions the sweep recorded (`versions.json`, beside its spec), as one line; "" for
+    results of a version that did not record them."""
+    try:
+        found = json.loads((results_dir / "versions.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    return ", ".join(f"{name} {value}" if name != "code" else str(value) for name, value in found.items())
 
 
 def page_end(footer: str) -> str:

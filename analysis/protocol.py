@@ -25,7 +25,7 @@ from analysis.figures import (
     arm_colours,
     comparison_plot,
 )
-from analysis.page import html_table, page_end, page_start, smoke_tag
+from analysis.page import html_table, made_with, page_end, page_start, smoke_tag
 from analysis.results import FINISHED, ResultsError, load_results
 from analysis.stats import (
     holm,
@@ -324,7 +324,9 @@ def protocol_page(results_dir: Path, spec: dict, target: float | None = None) ->
             continue
         parts.append(f"<h2>{stage} stage: {key.replace('_', ' ')}</h2><figure>"
                      + fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"figure-{stage}-{key}") + "</figure>")
-    parts.append(page_end("Stage reports: <a href='../tune/report/report.html'>tune</a> · "
+    versions = made_with(results_dir / "tune")
+    parts.append(page_end((f"Made with {html.escape(versions)}.<br>" if versions else "")
+                          + "Stage reports: <a href='../tune/report/report.html'>tune</a> · "
                           "<a href='../confirm/report/report.html'>confirm</a> · tables: "
                           "<a href='verdicts.csv'>verdicts.csv</a> · <a href='pairs.csv'>pairs.csv</a> · "
                           "<a href='lr_robustness.csv'>lr_robustness.csv</a> · <a href='power.csv'>power.csv</a> · "

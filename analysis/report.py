@@ -26,7 +26,7 @@ from analysis.budget import (
     tuning_curves,
 )
 from analysis.figures import FIGURES, NotApplicable, pbt_copies, report_colours
-from analysis.page import html_table, is_number_text, page_end, page_start, smoke_tag
+from analysis.page import html_table, is_number_text, made_with, page_end, page_start, smoke_tag
 from analysis.results import STATUSES, Results, ResultsError, _read_spec, load_results
 from analysis.tables import (
     CONCLUSION,
@@ -289,6 +289,8 @@ def _facts(results: Results, comparison: Comparison) -> str:
     if len(trials):
         facts["Compute"] = (f"{_duration(float(np.nansum(trial_compute_seconds(results))))} of training and "
                             f"evaluation, {int(trials['epochs_run'].sum()):,} epochs (sums over trials)")
+    if made_with(results.directory):
+        facts["Made with"] = made_with(results.directory)
     if len(comparison.table) and comparison.members[0]:
         top = comparison.table.iloc[0]
         first = trials.set_index("trial_id").loc[comparison.members[0][0]]

@@ -100,6 +100,17 @@ def test_a_smoke_protocol_says_so_beside_its_verdicts(tmp_path):
     assert "<h2>Verdict <span class='smoke'>smoke run: not a result</span></h2>" in page
 
 
+def test_the_report_says_which_code_and_libraries_made_the_results(tmp_path):
+    made = {"code": "sweeps 0.1.0 (git abc1234)", "python": "3.11.7", "torch": "2.14.1", "ray": "2.60.0",
+            "optuna": "5.1.0"}
+    results = report_sweep(tmp_path / "sweep")
+    assert "Made with" not in write_report(results).read_text()  # results of a version that did not record them
+    (results / "versions.json").write_text(json.dumps(made))
+    page = write_report(results).read_text()
+    assert "<dt>Made with</dt><dd>sweeps 0.1.0 (git abc1234), python 3.11.7, torch 2.14.1, ray 2.60.0, optuna " \
+           "5.1.0</dd>" in page
+
+
 # -- the confirm stage's seeds and intervals ----------------------------------------------------------------
 
 def test_the_confirm_figure_shows_each_seed_and_the_tables_interval_kept_in_the_metrics_range(tmp_path):
