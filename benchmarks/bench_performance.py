@@ -53,7 +53,7 @@ from mnist_files import write_mnist  # noqa: E402  (the tests' torchvision-layou
 from analysis import load_results  # noqa: E402
 from sweeps.runner import build_tuner, prepare_data, run_sweep, start_ray  # noqa: E402
 from sweeps.space import param_space  # noqa: E402
-from sweeps.spec import load_spec, validate_spec  # noqa: E402
+from sweeps.spec import flag_overrides, load_spec, validate_spec  # noqa: E402
 from trainables.data import Dataset, Loader, load_dataset  # noqa: E402
 from trainables.models import create_model  # noqa: E402
 from trainables.optim import create_loss, create_optimizer  # noqa: E402
@@ -206,7 +206,7 @@ def early_stopping() -> None:
     storage = Path(tempfile.mkdtemp(prefix="bench-asha-"))
     outcome = {}
     for scheduler in ("asha", "fifo"):
-        spec, _ = load_spec("quickstart", [f"scheduler.name={scheduler}", f"name=quickstart-{scheduler}"])
+        spec, _ = load_spec("quickstart", flag_overrides([f"scheduler.name={scheduler}", f"name=quickstart-{scheduler}"]))
         seconds = sweep_seconds(spec, storage)
         trials = load_results(storage / spec.name).trials
         outcome[scheduler] = (int(trials["epochs_run"].sum()), seconds, trials["final_val_acc"].max(), len(trials))

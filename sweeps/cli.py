@@ -3,38 +3,45 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import textwrap
 from pathlib import Path
 
 from analysis import ResultsError
-from sweeps.spec import SpecError, SweepFailed, bundled_specs, count_trials, load_spec, run_notes
+from sweeps.spec import (
+    Override,
+    SpecError,
+    SweepFailed,
+    SweepInterrupted,
+    bundled_specs,
+    check_target,
+    count_trials,
+    flag_overrides,
+    load_spec,
+    run_notes,
+)
 
 
 def cmd_list(args: argparse.Namespace) -> None:
-    for name, path in sorted(bundled_specs().items()):
+    """One line per bundled spec, within the terminal's width (100 in a pipe): its description is cut to fit."""
+    specs = sorted(bundled_specs().items())
+    width, pad = shutil.get_terminal_size((100, 24)).columns, max(len(name) for name, _ in specs)
+    for name, path in specs:
         try:
             spec, _ = load_spec(str(path))
+            head, summary = f"{sum(count_trials(spec).values()):5d} trials", " ".join(spec.description.split())
         except SpecError as err:  # a model whose library does not import on this machine: say so, go on
             if ": model.name: " not in str(err):
                 raise
-            print(f"{name:36s}     - trials  cannot run here: {str(err).split(': model.name: ', 1)[1]}")
-            continue
-        summary = spec.description.strip().splitlines()[0] if spec.description.strip() else ""
-        print(f"{name:36s} {sum(count_trials(spec).values()):5d} trials  {summary}")
+            head, summary = "    - trials", f"cannot run here: {str(err).split(': model.name: ', 1)[1]}"
+        line = f"{name:{pad}s} {head}  "
+        print(line + textwrap.shorten(summary, max(20, width - len(line)), placeholder=" …"))
 
 
-def overrides(args: argparse.Namespace) -> list[str]:
-    """The --set values, and --name as `name=...`; one key given two values is a conflict, not last-wins."""
-    given = [(f"--set {text}", text) for text in args.set]
-    if getattr(args, "name", None):
-        given.append((f"--name {args.name}", f"name={args.name}"))
-    first: dict[str, tuple[str, str]] = {}
-    for flag, text in given:
-        key, _, value = text.partition("=")
-        if key in first and first[key][1] != value:
-            raise SpecError(f"{first[key][0]} and {flag} conflict: give {key} once")
-        first.setdefault(key, (flag, value))
-    return [text for _, text in given]
+def overrides(args: argparse.Namespace) -> list[Override]:
+    """The --set values and --name, each with the flag it came from."""
+    return flag_overrides(args.set, getattr(args, "name", None))
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -60,7 +67,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
     print(f"  trials     {sum(trials.values())}")
     width = max(14, *map(len, trials))
     for arm, settings in spec.arm_settings().items():
-        shown = ", ".join(f"{k}={_show(v)}" for k, v in settings.items())
+        shown = ", ".join(f"{k}={_show(v)}" for k, v in settings.items()) or "(the base settings)"
         print(f"    {arm:{width}s} {trials[arm]:5d}  {shown}")
     for key, value in spec.space_settings().items():
         print(f"  space      {key} = {_show(value)}")
@@ -88,7 +95,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_resume(args: argparse.Namespace) -> None:
-    from sweeps.runner import check_object_store, read_spec, resume_sweep, storage_uri
+    from sweeps.runner import resume_sweep
+    from sweeps.storage import check_object_store, read_spec, storage_uri
     check_object_store(storage_uri(args.results_dir), "resume")  # a missing bucket or refused credentials, said so
     spec = read_spec(storage_uri(args.results_dir))
     if spec.protocol:
@@ -102,10 +110,10 @@ def cmd_resume(args: argparse.Namespace) -> None:
 
 def cmd_report(args: argparse.Namespace) -> None:
     from analysis import write_report
-    from sweeps.runner import check_writable
+    from sweeps.storage import check_writable
     results_dir = args.results_dir
     if "://" in results_dir:  # object storage: the results come here first (without checkpoints)
-        from sweeps.runner import SPEC_FILE, download_results, exists, storage_uri
+        from sweeps.storage import SPEC_FILE, download_results, exists, storage_uri
         results_dir = storage_uri(results_dir)
         if not exists(f"{results_dir}/{SPEC_FILE}"):
             raise SpecError(f"{results_dir}: not a sweep results directory (no {SPEC_FILE})")
@@ -119,6 +127,9 @@ def cmd_report(args: argparse.Namespace) -> None:
         out = args.out
         if out:
             check_writable(out, "--out")
+    if args.target is not None:
+        from sweeps.storage import read_spec
+        check_target(args.target, read_spec(results_dir).search.metrics[0])
     print(write_report(results_dir, out, target=args.target))
 
 
@@ -282,6 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     except SweepFailed as err:  # it ran, and no trial gave a result
         print(f"sweep: error: {err}", file=sys.stderr)
         return 1
+    except SweepInterrupted as err:  # Ctrl-C: Tune saved the sweep's state as it stopped
+        print(f"sweep: {err}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # Ctrl-C before the sweep started, or twice
+        print("sweep: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
-from sweeps.spec import SpecError, load_spec
+from sweeps.spec import SpecError, flag_overrides, load_spec
 
 TOKEN_HELP = ("set RAY_AUTH_TOKEN, point RAY_AUTH_TOKEN_PATH at a file holding it, or save it as ~/.ray/auth_token "
               "(`ray get-auth-token` prints it on the head node)")
@@ -164,7 +164,7 @@ def submit_sweep(spec: str, *, address: str | None, storage: str, overrides: lis
     import trainables
     from sweeps.runner import smoke_spec
 
-    checked, path = load_spec(spec, [*overrides, *([f"name={name}"] if name else [])])
+    checked, path = load_spec(spec, flag_overrides(list(overrides), name))
     if smoke:
         checked = smoke_spec(checked)
     if "://" not in storage and not PurePosixPath(storage).is_absolute():

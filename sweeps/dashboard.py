@@ -5,14 +5,15 @@ submitted and copied with the rest of the results. It holds one Optuna study per
 searches them (each arm has its own search space, so the dashboard's per-study plots, importances and slices
 make sense within an arm). Every Tune trial is an Optuna trial: its searched settings and seed as parameters,
 its per-epoch search metric as intermediate values, and its state: running, complete, pruned (stopped early
-by ASHA) or failed. `sweep dashboard RESULTS_DIR` serves it; a running sweep's new epochs appear on reload.
+by ASHA) or failed. `sweep dashboard RESULTS_DIR` serves it, read-only; a running sweep's new epochs appear on
+reload.
 """
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
 
 import optuna
 from optuna.distributions import CategoricalDistribution
@@ -104,7 +105,7 @@ class OptunaJournal(tune.Callback):
 
 def serve(results_dir: str, *, host: str = "127.0.0.1", port: int = 8080) -> None:
     """`sweep dashboard`: check everything first (exit 2 on bad input), then serve until interrupted."""
-    from sweeps.runner import read_spec, storage_uri
+    from sweeps.storage import read_spec, storage_uri
 
     directory = Path(storage_uri(results_dir))
     if "://" in str(directory):
@@ -122,7 +123,29 @@ def serve(results_dir: str, *, host: str = "127.0.0.1", port: int = 8080) -> Non
     except OSError as err:
         raise SpecError(f"--port {port}: cannot listen on {host}:{port} ({err.strerror}); "
                         "choose another with --port") from None
-    from optuna_dashboard import run_server
+    from bottle import run
 
-    print(f"[sweep] dashboard of {directory} at http://{host}:{port}/dashboard (Ctrl-C stops it)", flush=True)
-    run_server(_storage(journal), host=host, port=port)
+    print(f"[sweep] dashboard of {directory} at http://{host}:{port}/dashboard, read-only (Ctrl-C stops it)",
+          flush=True)
+    run(dashboard_app(journal), host=host, port=port)
+
+
+READS = ("GET", "HEAD")  # the methods of optuna-dashboard's pages and queries; every other request writes
+
+
+def dashboard_app(journal: Path) -> Callable:
+    """optuna-dashboard over `journal` as a WSGI app that refuses every write: its pages can delete, rename and
+    tell studies and trials, and the journal is the sweep's record (optuna-dashboard has no read-only mode)."""
+    from optuna_dashboard import wsgi
+
+    app = wsgi(_storage(journal))
+
+    def read_only(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        if environ["REQUEST_METHOD"] in READS:
+            return app(environ, start_response)
+        body = b'{"reason": "sweep dashboard is read-only: the journal is the sweep\'s record"}'
+        start_response("405 Method Not Allowed", [("Content-Type", "application/json"), ("Allow", ", ".join(READS)),
+                                                  ("Content-Length", str(len(body)))])
+        return [body]
+
+    return read_only

@@ -8,8 +8,10 @@ each step, so a resumed sweep counts the trials it restored.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
+import threading
 import time
 from typing import Any
 
@@ -18,6 +20,20 @@ from ray import tune
 from sweeps.spec import Domain, Spec, count_trials
 
 ENDED = ("TERMINATED", "ERROR")
+INTERRUPTED = threading.Event()  # Ctrl-C (SIGINT) stopped the sweep: Tune saved its state and stops its trials
+
+
+def tune_interrupt_words(record: logging.LogRecord) -> bool:
+    """A filter for Tune's log (`ray.tune.tune`): its Ctrl-C notice sets INTERRUPTED and is said in our words; its
+    `Tuner.restore(...)` hint and list of trials it stopped are not shown (the CLI says `sweep resume DIR`)."""
+    message = record.getMessage()
+    if message.startswith("Stop signal received"):
+        INTERRUPTED.set()
+        print("[sweep] interrupted: saving the sweep's state (Ctrl-C again skips this)", file=sys.stderr, flush=True)
+        return False
+    return not (INTERRUPTED.is_set() and message.startswith(("Experiment has been interrupted",
+                                                               "Trials did not complete")))
+MARKS = {"*": "still running: its latest value", "†": "ended early (stopped, diverged or failed): its last value"}
 
 
 class Progress(tune.Callback):
@@ -73,6 +89,10 @@ class Progress(tune.Callback):
         self._say(f"{trial}: failed; traceback in {trial.path}/error.txt")
 
     def on_experiment_end(self, trials: list, **info) -> None:
+        if INTERRUPTED.is_set():  # Tune has just stopped the running trials as if they had ended: not shown
+            if self._live is not None:
+                self._live.stop()
+            return
         if self._live is not None:
             self._live.update(self._table(trials), refresh=True)
             self._live.stop()
@@ -110,7 +130,8 @@ class Progress(tune.Callback):
                 f"{_duration(elapsed)} elapsed{eta}")
 
     def _best(self, trials: list) -> dict[str, Any]:
-        """Arm -> its best trial so far: among those that completed, else among all that reported (marked *)."""
+        """Arm -> (key, trial, value, mark): its best trial so far, among those that completed, else among all that
+        reported, marked (MARKS) as still running or ended early."""
         sign = 1 if self.mode == "max" else -1
         best = {}
         for trial in trials:
@@ -121,7 +142,8 @@ class Progress(tune.Callback):
             complete = trial.status == "TERMINATED" and result.get("epoch", 0) >= self._planned(trial)
             key = (complete, sign * value)
             if arm not in best or key > best[arm][0]:
-                best[arm] = (key, trial, value, complete)
+                mark = "" if complete else "*" if trial.status not in ENDED else "†"
+                best[arm] = (key, trial, value, mark)
         return best
 
     def _table(self, trials: list):
@@ -137,13 +159,13 @@ class Progress(tune.Callback):
         for arm, own in per_arm.items():
             ended = sum(t.status in ENDED for t in own)
             if arm in best:
-                _, trial, value, complete = best[arm]
-                cells = [f"{_number(value)}{'' if complete else ' *'}", str((trial.last_result or {}).get("epoch", "")),
+                _, trial, value, mark = best[arm]
+                cells = [f"{_number(value)} {mark}".rstrip(), str((trial.last_result or {}).get("epoch", "")),
                          self._settings(trial)]
             else:
                 cells = ["—", "", ""]
             table.add_row(arm, f"{ended} ended, {sum(t.status == 'RUNNING' for t in own)} running", *cells)
-        table.caption = "* not finished yet: its latest value"
+        table.caption = "  ".join(f"{mark} {meaning}" for mark, meaning in MARKS.items())
         return table
 
     def _say(self, line: str) -> None:

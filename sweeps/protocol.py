@@ -18,9 +18,25 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sweeps.runner import (SPEC_FILE, build_tuner, check_failures, check_local_fit, check_mlflow, new_results_dir,
-                           notes_said, prepare_data, read_spec, say, start_ray, storage_uri, warm_start, write_text)
+from sweeps.console import say
+from sweeps.runner import (
+    build_tuner,
+    check_local_fit,
+    check_mlflow,
+    fit,
+    notes_said,
+    prepare_data,
+    start_ray,
+    warm_start,
+)
 from sweeps.spec import Spec, SpecError, count_trials, dump_spec, validate_spec
+from sweeps.storage import (
+    SPEC_FILE,
+    new_results_dir,
+    read_spec,
+    storage_uri,
+    write_text,
+)
 
 TUNE, CONFIRM = "tune", "confirm"
 
@@ -86,14 +102,14 @@ def run_protocol(spec: Spec, *, storage: str | None = None, address: str | None 
         raise SpecError(f"--storage {storage}: the protocol reads stage 1's results to set up stage 2, "
                         "so it needs a local or shared file system path")
     results_dir = Path(storage) / spec.name if resume else Path(new_results_dir(storage, spec.name))
+    if not address:
+        check_local_fit(spec)
     if spec.run.mlflow:
         check_mlflow(spec.run.mlflow)
     warm = None if resume else warm_start(spec)
     dataset = prepare_data(spec)
     spec.notes = [*spec.notes, *notes_said(spec)] if not resume else spec.notes
     start_ray(address, dashboard=dashboard, storage=str(results_dir))
-    if not address:
-        check_local_fit(spec)
     if not resume:
         write_text(str(results_dir / SPEC_FILE), dump_spec(spec))
     counts = count_trials(spec)
@@ -117,11 +133,12 @@ def _run_stage(results_dir: Path, stage: str, make_spec, dataset, verbose: bool,
     stage_dir = results_dir / stage
     if tune.Tuner.can_restore(str(stage_dir)):  # started before: continue it (a finished stage returns at once)
         say(f"stage {stage}: continuing {stage_dir}")
-        tuner = build_tuner(read_spec(str(stage_dir)), dataset, storage=str(results_dir), restore=str(stage_dir))
+        stage_spec = read_spec(str(stage_dir))
+        tuner = build_tuner(stage_spec, dataset, storage=str(results_dir), restore=str(stage_dir))
     else:
         stage_spec = make_spec()
         say(f"stage {stage}: {sum(count_trials(stage_spec).values())} trials")
         write_text(str(stage_dir / SPEC_FILE), dump_spec(stage_spec))
         tuner = build_tuner(stage_spec, dataset, storage=str(results_dir), verbose=verbose,
                             experiment=f"{results_dir.name}/{stage}", warm=warm)
-    check_failures(tuner.fit())
+    fit(tuner, stage_spec, str(stage_dir), str(results_dir))

@@ -24,16 +24,15 @@ from typing import Any
 import numpy as np
 import optuna
 from ray import tune
-from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
 from ray.tune.search import Searcher
 
+from analysis.outcome import planned_epochs, stopped_early
 from sweeps.spec import Domain, Spec
-from trainables.settings import resolve_settings
 
 SEED = "train.seed"
 
 
-def _tune_domain(domain: Domain) -> Any:
+def tune_domain(domain: Domain) -> Any:
     low_high = domain.values
     return {
         "grid": lambda: tune.grid_search(list(domain.values)),
@@ -44,7 +43,7 @@ def _tune_domain(domain: Domain) -> Any:
     }[domain.kind]()
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """numpy scalars (what Tune's samplers return) as Python numbers, for params.json and spec files."""
     return value.item() if isinstance(value, np.generic) else value
 
@@ -71,14 +70,14 @@ def param_space(spec: Spec) -> dict[str, Any]:
                     if key in grids:
                         value = point[grids.index(key)]
                     elif isinstance(value, Domain):
-                        value = _plain(_tune_domain(value).sample(random_state=rng))
+                        value = plain(tune_domain(value).sample(random_state=rng))
                     config[key] = value
                 if arm_seed is not None:  # the arm's own seeds: Tune crosses them with this configuration only
-                    config[SEED] = _tune_domain(arm_seed) if isinstance(arm_seed, Domain) else arm_seed
+                    config[SEED] = tune_domain(arm_seed) if isinstance(arm_seed, Domain) else arm_seed
                 configs.append(config)
     space = {"arm": tune.grid_search(configs)}
     if shared_seed is not None:
-        space[SEED] = _tune_domain(shared_seed) if isinstance(shared_seed, Domain) else shared_seed
+        space[SEED] = tune_domain(shared_seed) if isinstance(shared_seed, Domain) else shared_seed
     return space
 
 
@@ -152,9 +151,8 @@ class PerArmOptuna(Searcher):
         config = {"name": arm}
         for key, value in self.arms[arm].items():
             config[key] = _suggest(trial, key, value) if isinstance(value, Domain) else value
-        planned = int(config.get("train.epochs", self.default_epochs))
         self.asked[arm] += 1
-        self.live[trial_id] = _Live(arm, trial, min(planned, self.max_t or planned))
+        self.live[trial_id] = _Live(arm, trial, planned_epochs(config, self.default_epochs, self.max_t))
         return {"arm": config}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -171,8 +169,8 @@ class PerArmOptuna(Searcher):
         study, values = self.studies[live.arm], [(result or {}).get(m) for m in self.metrics]
         if error or not all(finite(v) for v in values):
             study.tell(live.trial, state=optuna.trial.TrialState.FAIL)
-        elif result.get("epoch", live.planned) < live.planned and not result.get("diverged"):
-            study.tell(live.trial, state=optuna.trial.TrialState.PRUNED)  # stopped early by the scheduler
+        elif stopped_early(result.get("epoch", live.planned), live.planned, bool(result.get("diverged"))):
+            study.tell(live.trial, state=optuna.trial.TrialState.PRUNED)
         else:
             study.tell(live.trial, [float(v) for v in values] if len(values) > 1 else float(values[0]))
 
@@ -188,74 +186,6 @@ class PerArmOptuna(Searcher):
 def finite(value: Any) -> bool:
     """A number Optuna can be told (NaN, inf and missing values are not)."""
     return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-# --- Population Based Training within each arm -------------------------------------------------------------
-
-class ArmExplorer:
-    """PBT's explore step, per arm: each setting the arm searches is redrawn from its domain with probability
-    `resample_probability`, else perturbed as Ray's PBT does (a list value moves to a neighbour, a number is
-    scaled by 0.8 or 1.2, an integer moves by one), always inside the arm's own domain. The seed is not touched."""
-
-    def __init__(self, spec: Spec):
-        shared = spec.space_settings()
-        self.domains = {arm: {k: v for k, v in {**shared, **own}.items() if isinstance(v, Domain) and k != SEED}
-                        for arm, own in spec.arm_settings().items()}
-        self.resample_probability = spec.scheduler.resample_probability
-        self.rng = np.random.default_rng(spec.search.seed)
-
-    def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
-        arm = config["arm"]
-        for key, domain in self.domains[arm["name"]].items():
-            if self.rng.random() < self.resample_probability:
-                arm[key] = _plain(_tune_domain(domain).sample(random_state=self.rng))
-            else:
-                arm[key] = self._perturb(domain, arm[key])
-        return config
-
-    def _perturb(self, domain: Domain, value: Any) -> Any:
-        up = bool(self.rng.random() < 0.5)
-        if domain.kind in ("grid", "choice"):
-            values = list(domain.values)
-            index = values.index(value) if value in values else 0
-            return values[min(max(index + (1 if up else -1), 0), len(values) - 1)]
-        low, high = domain.values
-        if domain.kind == "int":
-            return int(min(max(value + (1 if up else -1), low), high))
-        return float(min(max(value * (1.2 if up else 0.8), low), high))
-
-
-class PerArmPBT(PopulationBasedTraining):
-    """Ray's Population Based Training, with each arm a population of its own: a trial in the bottom quantile of
-    its arm copies (weights, optimizer state and settings) a trial from the top quantile of the same arm, then
-    explores from there (ArmExplorer). Across arms a copy could not even load: another arm may train another
-    model or optimizer. Ray's own quantile logic runs unchanged, on the arm of the trial that reported."""
-
-    def __init__(self, spec: Spec):
-        s = spec.scheduler
-        super().__init__(time_attr="epoch", perturbation_interval=s.perturbation_interval,
-                         quantile_fraction=s.quantile_fraction, resample_probability=s.resample_probability,
-                         custom_explore_fn=ArmExplorer(spec), log_config=True)
-        self._arm: str | None = None
-        self._base = spec.base_settings()
-
-    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        epochs = resolve_settings(self._base, trial.config)["train"]["epochs"]
-        if result.get("diverged") or result.get("epoch", 0) >= epochs:
-            # The trial's last report: its result stands. Copied into now, it would train its last epochs again
-            # from another's state (and be copied again, and again); its state here stays at its last perturbation,
-            # with epochs left to train, for any trial that copies it before it ends.
-            return TrialScheduler.CONTINUE
-        self._arm = trial.config["arm"]["name"]
-        return super().on_trial_result(tune_controller, trial, result)
-
-    def _quantiles(self):
-        everyone = self._trial_state
-        self._trial_state = {t: s for t, s in everyone.items() if t.config["arm"]["name"] == self._arm}
-        try:
-            return super()._quantiles()
-        finally:
-            self._trial_state = everyone
 
 
 # --- warm start: an earlier sweep's trials for the Optuna studies ---------------------------------------------

@@ -9,6 +9,7 @@ by its bare name (`lr`); a value is either fixed or a search domain such as `{lo
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import json
@@ -20,9 +21,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt,
-                      PositiveFloat, PositiveInt, ValidationError, model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from analysis.outcome import epoch_cap
 from trainables.data import DATASETS, SOURCES, split_sizes
 from trainables.models import MODELS
 from trainables.optim import OPTIMIZERS
@@ -30,6 +42,7 @@ from trainables.settings import apply_settings
 from trainables.train import EPOCH_METRICS, FINAL_METRICS
 
 MAX_TRIALS = 10_000  # a spec that expands past this is almost certainly a typo (e.g. a grid of grids)
+Override = tuple[str, str]  # (the flag as the user gave it, e.g. "--name x"; its KEY=VALUE, e.g. "name=x")
 
 
 class SpecError(Exception):
@@ -38,6 +51,10 @@ class SpecError(Exception):
 
 class SweepFailed(Exception):
     """The sweep ran but no trial produced a result; the message is one line saying where to look."""
+
+
+class SweepInterrupted(Exception):
+    """Ctrl-C stopped the sweep; the message is one line: how far it got and how to continue it."""
 
 
 class Strict(BaseModel):
@@ -64,6 +81,13 @@ class DataSettings(Strict):
     augment: Augment = Augment()                        # training-batch augmentation
     batch_size: PositiveInt = 64                        # training mini-batch, images
     eval_batch_size: PositiveInt = 1024                 # evaluation batch, images (large: no gradients kept)
+
+    @field_validator("val_split", mode="before")
+    @classmethod
+    def _fraction_or_test(cls, value: Any) -> Any:
+        if value != "test" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"must be a fraction in (0, 1) or 'test', got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> DataSettings:
@@ -183,6 +207,14 @@ class Domain(Strict):
     loguniform: tuple[float, float] | None = None
     int_: tuple[int, int] | None = Field(None, alias="int")  # `int` in YAML; renamed so it does not shadow the builtin
 
+    @model_validator(mode="before")
+    @classmethod
+    def _known_kinds(cls, raw: Any) -> Any:
+        for key in raw if isinstance(raw, dict) else ():
+            if key not in DOMAIN_KINDS:
+                raise ValueError(f"unknown domain kind {key!r}; use one of {', '.join(DOMAIN_KINDS)}")
+        return raw
+
     @model_validator(mode="after")
     def _one_kind(self) -> Domain:
         given = [k for k in DOMAIN_KINDS if getattr(self, _ATTR.get(k, k)) is not None]
@@ -227,7 +259,8 @@ def _parse_settings(raw: Any, where: str) -> dict[str, Value]:
                 raise ValueError(f"set twice (as {path})")
             out[path] = Domain.model_validate(value) if isinstance(value, dict) else value
         except ValidationError as err:
-            raise ValueError(f"{where}.{key}: {err.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+            field, msg = first_error(err)
+            raise ValueError(f"{where}.{key}: {msg if field == TOP_LEVEL else f'{field}: {msg}'}") from None
         except ValueError as err:
             raise ValueError(f"{where}.{key}: {err}") from None
     return out
@@ -244,6 +277,20 @@ class Search(Strict):
     seed: int = 0                                       # seeds random sampling / the Optuna samplers
     startup_trials: PositiveInt | None = None           # optuna: random trials per arm before TPE (default 10, <= half num_samples)
     warm_start: str | None = None                       # optuna: an earlier sweep's results directory to learn from first
+
+    @field_validator("metric", mode="before")
+    @classmethod
+    def _metric_names(cls, value: Any) -> Any:
+        if not (isinstance(value, str) or isinstance(value, list) and all(isinstance(m, str) for m in value)):
+            raise ValueError(f"must be a metric's name or a list of them, got {value!r}")
+        return value
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _max_or_min(cls, value: Any) -> Any:
+        if not all(m in ("max", "min") for m in (value if isinstance(value, list) else [value])):
+            raise ValueError(f"must be max or min, or a list of them (one per metric), got {value!r}")
+        return value
 
     @property
     def metrics(self) -> list[str]:
@@ -270,7 +317,7 @@ class Scheduler(Strict):
 
     def epoch_cap(self) -> int | None:
         """The epoch at which the scheduler ends every trial, where it has one (its last rung)."""
-        return self.max_t if self.name in ("asha", "hyperband") else None
+        return epoch_cap({"name": self.name, "max_t": self.max_t})
 
     def brackets(self, max_t: int) -> int:
         """HyperBand's bracket count for trials of at most `max_t` epochs (Ray's arithmetic, async_hyperband)."""
@@ -283,8 +330,8 @@ class Scheduler(Strict):
             rungs = [self.grace_period * self.reduction_factor ** k for k in range(64)
                      if self.grace_period * self.reduction_factor ** k < max_t]
             return (f"asha: a trial is judged at epochs {', '.join(f'{r:g}' for r in rungs)} and goes on only in the "
-                    f"top 1/{self.reduction_factor:g} of its rung; at most {max_t} epochs")
-        if self.name == "hyperband":  # sweeps.runner.AsyncHyperBand: Ray's bracket arithmetic (async_hyperband._Bracket)
+                    f"top 1/{self.reduction_factor:g} of its arm's rung; at most {max_t} epochs")
+        if self.name == "hyperband":  # sweeps.schedulers.AsyncHyperBand: Ray's bracket arithmetic (async_hyperband._Bracket)
             count = self.brackets(max_t)
             judged = []
             for s in range(count):
@@ -294,11 +341,11 @@ class Scheduler(Strict):
                 judged.append(f"at epochs {', '.join(f'{r:g}' for r in rungs)}" if rungs else f"never (runs to {max_t})")
             return (f"hyperband (asynchronous): {count} brackets, trials dealt to them in turn; bracket by bracket a "
                     f"trial is judged {' / '.join(judged)}, going on only in the top 1/{self.reduction_factor:g} "
-                    f"of its rung")
+                    f"of its arm's rung")
         if self.name == "median":
             return (f"median: from epoch {self.grace_period}, a trial whose best so far is below the median of the "
-                    f"other trials' running averages at that epoch (once {self.min_samples_required} have reached it) "
-                    "stops")
+                    f"running averages of its arm's other trials at that epoch (once {self.min_samples_required} have "
+                    "reached it) stops")
         if self.name == "pbt":
             return (f"pbt: every {self.perturbation_interval} epochs, a trial in the bottom {self.quantile_fraction:.0%} of "
                     f"its arm copies a top-{self.quantile_fraction:.0%} trial of the same arm (weights and settings), then "
@@ -341,7 +388,7 @@ class Reference(Strict):
 
 
 class Spec(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # also the results directory name
+    name: str                                           # also the results directory name
     description: str = ""
     reference: Reference | None = None
     data: DataSettings = DataSettings()
@@ -358,6 +405,14 @@ class Spec(Strict):
     protocol: Protocol | None = None                    # two stages, tune then confirm (sweeps/protocol.py)
     smoke: bool = False                                 # set by `sweep run --smoke`
     notes: list[str] = []                               # what the runner changed or substituted, said to the user
+
+    @field_validator("name")
+    @classmethod
+    def _directory_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
+            raise ValueError(f"names the results directory: letters, digits, '.', '_' and '-', starting with a letter "
+                             f"or digit, got {value!r}")
+        return value
 
     def arm_settings(self) -> dict[str, dict[str, Value]]:
         """Arm name -> {dotted setting: value or Domain}; one arm named `base` when none are given."""
@@ -407,6 +462,12 @@ def _check_values(spec: Spec) -> None:
                 for candidate in value.candidates():
                     _validate_sections(apply_settings(base, {**fixed, path: candidate}),
                                        lambda p, msg: f"{where(path)}.{path}: {candidate!r}: {msg}")
+        optimizer = {**shared, **settings}.get("optim.optimizer", spec.optim.optimizer)
+        if arm in OPTIMIZERS and optimizer != arm and not isinstance(optimizer, Domain):
+            # the mistake this catches: `adam: {}` or `adam: {lr: ...}`, training the base optimizer under adam's name
+            raise ValueError(f"arms.{arm}: named after optimizer {arm}, but trains {optimizer} "
+                             f"({'its optim.optimizer' if 'optim.optimizer' in settings else 'the base optim.optimizer'}); "
+                             f"give it optimizer: {arm}")
     _check_search(spec, shared, arms)
     _check_scheduler(spec, shared, arms)
     _check_devices(spec, base, shared, arms)
@@ -415,6 +476,24 @@ def _check_values(spec: Spec) -> None:
 
 
 RANDOM_KINDS = ("choice", "uniform", "loguniform", "int")  # drawn anew for every sampled configuration
+
+
+def metric_range(metric: str) -> tuple[float, float]:
+    """The values a metric can take: accuracies and ece are fractions, losses are not negative."""
+    if "_acc" in metric or metric == "ece":
+        return 0.0, 1.0
+    if "_loss" in metric:
+        return 0.0, math.inf
+    return -math.inf, math.inf
+
+
+def check_target(target: float, metric: str) -> None:
+    """`sweep report --target`: a score `metric` can reach (SpecError otherwise)."""
+    low, high = metric_range(metric)
+    if not low <= target <= high:
+        span = f"[{low:g}, {high:g}]" if high < math.inf else f">= {low:g}"
+        raise SpecError(f"--target {target:g}: {metric} is {span}, so no trial could reach {target:g}"
+                        + (" (accuracies are fractions: 0.99, not 99)" if "_acc" in metric and target > 1 else ""))
 
 
 def _direction(metric: str) -> str | None:
@@ -473,8 +552,8 @@ def _check_search(spec: Spec, shared: dict[str, Value], arms: dict[str, dict[str
         for arm, own in arms.items():
             drawn = [p for p, v in {**shared, **own}.items() if isinstance(v, Domain) and v.kind in RANDOM_KINDS]
             if not drawn:
-                n = spec.search.num_samples
-                raise ValueError(f"search.num_samples: {n} repeats of arm {arm} would be {n} identical trials (none of "
+                n, which = spec.search.num_samples, f"arm {arm}" if spec.arms else "the spec (it has no arms)"
+                raise ValueError(f"search.num_samples: {n} repeats of {which} would be {n} identical trials (none of "
                                  "its settings is drawn at random); repeat it over seeds instead, with "
                                  "space: {seed: {grid: [0, 1, 2]}} and num_samples: 1")
 
@@ -492,13 +571,14 @@ def _check_scheduler(spec: Spec, shared: dict[str, Value], arms: dict[str, dict[
                          f"a multiple of train.checkpoint_every ({train.checkpoint_every}), got "
                          f"{sched.perturbation_interval}")
     for arm, own in arms.items():
+        where = f"arms.{arm}" if spec.arms else "space"  # a spec without arms searches its space
         searched = [p for p, v in {**shared, **own}.items() if isinstance(v, Domain) and p != "train.seed"]
         if not searched:
-            raise ValueError(f"arms.{arm}: pbt explores the settings an arm searches, and this one searches none; "
-                             "give it a domain, e.g. lr: {loguniform: [1.0e-4, 1.0e-1]}")
+            raise ValueError(f"{where}: pbt explores the settings {'an arm' if spec.arms else 'a sweep'} searches, "
+                             "and this one searches none; give it a domain, e.g. lr: {loguniform: [1.0e-4, 1.0e-1]}")
         schedule = {**_fixed(shared), **_fixed(own)}.get("optim.schedule", spec.optim.schedule)
         if "optim.lr" in searched and schedule != "none":
-            raise ValueError(f"arms.{arm}: pbt sets optim.lr itself as it explores; a schedule ({schedule}) would "
+            raise ValueError(f"{where}: pbt sets optim.lr itself as it explores; a schedule ({schedule}) would "
                              "fight it: use optim.schedule none")
 
 
@@ -642,17 +722,34 @@ def pack_problem(channels: int, size: int, num_classes: int, model_json: str) ->
     return problem
 
 
+TOP_LEVEL = "(top level)"  # the field of an error about a whole mapping
+
+
 def first_error(err: ValidationError, prefix: tuple = ()) -> tuple[str, str]:
-    """(dotted field, message) of a pydantic error; our own checks say `field: message`."""
+    """(dotted field, message) of a pydantic error, saying what was given; our own checks say `field: message`."""
     first = err.errors()[0]
     loc = [*prefix, *(str(p) for p in first["loc"])]
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        msg = "unknown key"
+        known = _keys_at(err.title, first["loc"][:-1])
+        msg = "unknown key" + (f"; use one of {', '.join(known)}" if known else "")
     elif first["type"] == "value_error" and re.match(r"^[a-z_]+: ", msg):
         field, msg = msg.split(": ", 1)  # a model-level check naming its field
         loc.append(field)
-    return ".".join(loc) or "(top level)", msg
+    elif first["type"] not in ("value_error", "missing") and isinstance(first["input"], (str, int, float, bool)):
+        msg = f"{msg}, got {first['input']!r}"
+    return ".".join(loc) or TOP_LEVEL, msg
+
+
+def _keys_at(model: str, loc: tuple) -> list[str]:
+    """The keys the mapping at `loc` inside the model class named `model` takes, where it is one of ours."""
+    cls = {c.__name__: c for c in (Spec, *SECTIONS.values(), Domain)}.get(model)
+    for part in loc:
+        field = cls.model_fields.get(str(part)) if cls else None
+        kinds = [t for t in (field.annotation, *getattr(field.annotation, "__args__", ())) if isinstance(t, type)
+                 and issubclass(t, BaseModel)] if field else []
+        cls = kinds[0] if kinds else None
+    return [f.alias or name for name, f in cls.model_fields.items()] if cls else []
 
 
 def _validate_sections(settings: dict[str, dict[str, Any]], describe) -> None:
@@ -696,27 +793,87 @@ def find_spec(spec: str) -> Path:
     bundled = bundled_specs()
     if spec in bundled:
         return bundled[spec]
+    if path.is_dir():
+        raise SpecError(f"{spec}: is a directory; give a spec's YAML file or a bundled spec's name (see `sweep list`)")
     if path.suffix in (".yaml", ".yml") or "/" in spec:
         raise SpecError(f"{spec}: no such file")
     raise SpecError(f"{spec}: not a file and not a bundled spec; bundled: {', '.join(sorted(bundled))}")
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.epochs=3` -> (["train", "epochs"], 3); the value is read as YAML."""
+class DuplicateKey(yaml.MarkedYAMLError):
+    """A key given twice in one YAML mapping, which PyYAML would settle silently by keeping the last."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing duplicate keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # a merge key (<<) may override what it merges, as YAML intends
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise DuplicateKey(problem=f"key {key!r} is given twice in one mapping; YAML would keep only the last: "
+                                           "give it once", problem_mark=key_node.start_mark, context_mark=seen[key])
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(text: str) -> Any:
+    """YAML as `yaml.safe_load` reads it, except that a duplicate key raises DuplicateKey."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: as safe as yaml.safe_load
+
+
+def flag_overrides(sets: list[str], name: str | None = None) -> list[Override]:
+    """The --set values, and --name as `name=...`; one key given two values is a conflict, not last-wins."""
+    given = [(f"--set {text}", text) for text in sets] + ([(f"--name {name}", f"name={name}")] if name else [])
+    first: dict[str, Override] = {}
+    for flag, text in given:
+        key, _, value = text.partition("=")
+        if key in first and first[key][1] != value:
+            raise SpecError(f"{first[key][0]} and {flag} conflict: give {key} once")
+        first.setdefault(key, (flag, value))
+    return given
+
+
+def parse_override(flag: str, text: str) -> tuple[list[str], Any]:
+    """`train.epochs=3` -> (["train", "epochs"], 3); the value is read as YAML. Errors name `flag`."""
     key, sep, value = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
-        raise SpecError(f"--set {text}: expected KEY=VALUE with a dotted key, e.g. --set train.epochs=3")
+        raise SpecError(f"{flag}: expected KEY=VALUE with a dotted key, e.g. --set train.epochs=3")
     try:
-        return key.split("."), yaml.safe_load(value)
+        return key.split("."), read_yaml(value)
+    except DuplicateKey as err:
+        raise SpecError(f"{flag}: {err.problem}") from None
     except yaml.YAMLError as err:
-        raise SpecError(f"--set {text}: the value is not valid YAML ({err.problem})") from None
+        raise SpecError(f"{flag}: the value is not valid YAML ({err.problem})") from None
 
 
-def load_spec(spec: str, overrides: list[str] = ()) -> tuple[Spec, Path]:
-    """Read, override and validate a spec. Raises SpecError naming the file and the field."""
+def _override(raw: dict[str, Any], flag: str, text: str, path: Path) -> None:
+    """Set one KEY=VALUE in the spec mapping `raw` (read from `path`). It changes what the spec has; a new arm
+    needs its whole mapping (`--set arms.NAME={optimizer: adam}`), so that a misspelled arm is not a new one."""
+    keys, value = parse_override(flag, text)
+    arms = raw.get("arms") or {}
+    if keys[0] == "arms" and len(keys) > 1 and keys[1] not in arms and (len(keys) > 2 or not isinstance(value, dict)):
+        raise SpecError(f"{flag}: {path} has no arm {keys[1]!r} (its arms: {', '.join(map(str, arms)) or 'none'}); "
+                        f"to add one, give all its settings: --set 'arms.{keys[1]}={{optimizer: adam, lr: 1.0e-3}}'")
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise SpecError(f"{flag}: {key} is not a mapping in {path}")
+    node[keys[-1]] = value
+
+
+def load_spec(spec: str, overrides: list[Override] = ()) -> tuple[Spec, Path]:
+    """Read, override and validate a spec. Raises SpecError naming the file, or the flag, and the field."""
     path = find_spec(spec)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml(path.read_text())
+    except DuplicateKey as err:
+        raise SpecError(f"{path}: line {err.problem_mark.line + 1}: {err.problem} (first given on line "
+                        f"{err.context_mark.line + 1})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -725,36 +882,66 @@ def load_spec(spec: str, overrides: list[str] = ()) -> tuple[Spec, Path]:
         raise SpecError(f"{path}: cannot read ({err.strerror})") from None
     if raw is None:
         raise SpecError(f"{path}: the file is empty; a spec needs at least `name:` (see `sweep list` for examples)")
-    if raw is None:
-        raise SpecError(f"{path}: the file is empty; a spec needs at least `name:` (see `sweep list` for examples)")
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a spec is a YAML mapping (name:, data:, model:, ...), got {type(raw).__name__}")
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = raw
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise SpecError(f"--set {text}: {key} is not a mapping in {path}")
-        node[keys[-1]] = value
-    return validate_spec(raw, str(path)), path
+    given = copy.deepcopy(raw)
+    for flag, text in overrides:
+        _override(given, flag, text, path)
+    try:
+        return _validated(given), path
+    except ValueError as err:
+        if not overrides or _problem(raw) == str(err):  # the file says it without the flags
+            raise SpecError(f"{path}: {err}") from None
+        raise SpecError(f"{_blamed(overrides, str(err))}: {err}") from None
+
+
+def _problem(raw: dict[str, Any]) -> str | None:
+    try:
+        _validated(raw)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def _blamed(overrides: list[Override], problem: str) -> str:
+    """The flags behind `problem` ("field: message"): those that set its field or a mapping around it, else all."""
+    field = _canonical(problem.split(": ", 1)[0])
+    touching = [flag for flag, text in overrides if (key := _canonical(text.partition("=")[0])) == field
+                or field.startswith(f"{key}.") or key.startswith(f"{field}.")]
+    return " ".join(touching or [flag for flag, _ in overrides])
+
+
+def _canonical(dotted: str) -> str:
+    """A dotted field with an arm's or the space's setting resolved: `arms.a.lr` -> `arms.a.optim.lr`."""
+    parts = dotted.split(".")
+    head = 2 if parts[0] == "arms" else 1 if parts[0] == "space" else len(parts)
+    if len(parts) <= head:
+        return dotted
+    try:
+        return ".".join([*parts[:head], resolve_key(".".join(parts[head:]))])
+    except ValueError:
+        return dotted
 
 
 def validate_spec(raw: dict[str, Any], source: str) -> Spec:
     """Validate a spec mapping; errors name `source` and the field."""
     try:
+        return _validated(raw)
+    except ValueError as err:
+        raise SpecError(f"{source}: {err}") from None
+
+
+def _validated(raw: dict[str, Any]) -> Spec:
+    """The Spec of a mapping, or ValueError("field: message")."""
+    try:
         spec = Spec.model_validate(raw)
         _check_values(spec)
     except ValidationError as err:
-        field, msg = first_error(err)
-        more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-        raise SpecError(f"{source}: {field}: {msg}{more}") from None
-    except ValueError as err:
-        raise SpecError(f"{source}: {err}") from None
+        raise ValueError(": ".join(first_error(err))) from None
     total = sum(count_trials(spec).values())
     if total > MAX_TRIALS:
-        raise SpecError(f"{source}: space: expands to {total:,} trials (limit {MAX_TRIALS:,}); "
-                        "shrink the grids or search.num_samples")
+        raise ValueError(f"space: expands to {total:,} trials (limit {MAX_TRIALS:,}); "
+                         "shrink the grids or search.num_samples")
     return spec
 
 

@@ -13,7 +13,7 @@ import yaml
 
 from sweeps.cli import main
 from sweeps.runner import smoke_spec
-from sweeps.spec import bundled_specs, count_trials, load_spec
+from sweeps.spec import bundled_specs, count_trials, flag_overrides, load_spec
 from trainables.data import load_dataset
 from trainables.train import training_split
 
@@ -108,7 +108,7 @@ def test_smoke_keeps_every_arm_and_fits_a_laptop(name):
 
 
 def test_smoke_reports_every_epoch_whatever_cadence_the_spec_sets():
-    spec, _ = load_spec("quickstart", ["train.report_every=5", "train.checkpoint_every=10"])
+    spec, _ = load_spec("quickstart", flag_overrides(["train.report_every=5", "train.checkpoint_every=10"]))
     spec = spec.model_copy(update={"arms": {"sparse": {"train.report_every": 2, "train.checkpoint_every": 4,
                                                        "optim.lr": {"loguniform": [1e-3, 1e-1]}}}})
     smoke = smoke_spec(spec)  # a checkpoint at epoch 3 only would clash with reports every 2 or 5 epochs

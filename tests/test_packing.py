@@ -260,8 +260,8 @@ def asha_rungs(results_dir) -> dict[str, list[tuple[int, dict[str, float]]]]:
     """Arm -> its ASHA's rungs as the sweep left them: (epoch, {trial id: reward}), in the order results reached it."""
     [state] = results_dir.glob("callback-states-*.pkl")
     with open(state, "rb") as f:
-        scheduler = pickle.load(f)[0]["scheduler"]  # sweeps.runner.SchedulerState, the first callback
-    return {arm: asha._brackets[0]._rungs for arm, asha in scheduler["by_arm"].items()}  # sweeps.runner.PerArm
+        scheduler = pickle.load(f)[0]["scheduler"]  # sweeps.tune_patches.SchedulerState, the first callback
+    return {arm: asha._brackets[0]._rungs for arm, asha in scheduler["by_arm"].items()}  # sweeps.schedulers.PerArm
 
 
 @pytest.mark.slow

@@ -39,7 +39,7 @@ def reliability_spec(**changes) -> dict:
     return {**spec, **changes}
 
 
-# Early stopping judges a trial against its own arm (sweeps.runner.PerArm): the hopeless learning rate shares the
+# Early stopping judges a trial against its own arm (sweeps.schedulers.PerArm): the hopeless learning rate shares the
 # good one's arm. One trial at a time, in grid order: good seed 0, good seed 1, hopeless seed 0, hopeless seed 1.
 HOPELESS = 1.0e-7
 ONE_ARM_GOOD_THEN_HOPELESS = {"adam": {"optimizer": "adam", "lr": {"grid": [0.003, HOPELESS]}, "seed": {"grid": [0, 1]}}}
@@ -168,7 +168,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_results(tmp_path):
     ({"name": "hyperband", "reduction_factor": 2, "max_t": 4}, 5),  # good_1 midway; brackets dealt s0, s0, s1, s0
 ])
 def test_a_resumed_sweep_keeps_its_schedulers_decisions(tmp_path, scheduler, kill_after):
-    # The median rule keys its history by Trial objects, new objects after a resume (sweeps.runner.relink);
+    # The median rule keys its history by Trial objects, new objects after a resume (sweeps.tune_patches.relink);
     # HyperBand's brackets must come back with their trials, dealt as before.
     spec = write_spec(tmp_path, reliability_spec(arms=ONE_ARM_GOOD_THEN_HOPELESS, scheduler=scheduler))
     results = kill_beside_a_reference(tmp_path, spec, lambda trials: sum(map(len, trials.values())) >= kill_after)
@@ -333,7 +333,7 @@ def test_a_trial_restarted_with_a_checkpoint_keeps_the_rows_the_driver_logged_si
     from ray.tune.experiment import Trial
     from ray.tune.logger import JsonLoggerCallback
 
-    from sweeps.runner import CSVLogger, JsonLogger
+    from sweeps.tune_patches import CSVLogger, JsonLogger
 
     ray.init(address="local", num_cpus=1, include_dashboard=False, configure_logging=False)
     try:

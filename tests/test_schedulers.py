@@ -17,7 +17,8 @@ import torch
 from conftest import run_cli, trial_results, write_spec
 from results_fixtures import curve_rows, spec_for, write_trial
 from results_fixtures import write_spec as write_results_spec
-from sweeps.space import ArmExplorer, PerArmOptuna, warm_start_trials
+from sweeps.schedulers import SCHEDULERS, ArmExplorer
+from sweeps.space import PerArmOptuna, warm_start_trials
 from sweeps.spec import PACK_ON_CPU, SpecError, validate_spec
 from test_search import LR, OPTIMUM, decades_from_optimum, drive, objective, optuna_spec
 from trainables.models import create_model
@@ -62,7 +63,7 @@ def test_validate_shows_each_schedulers_plan():
                        "--set", "scheduler.max_t=9")
         assert done.returncode == 0, done.stderr
         plans[name] = next(line for line in done.stdout.splitlines() if line.startswith("  scheduler"))
-    assert "judged at epochs 1, 3 and goes on only in the top 1/3 of its rung; at most 9 epochs" in plans["asha"]
+    assert "judged at epochs 1, 3 and goes on only in the top 1/3 of its arm's rung; at most 9 epochs" in plans["asha"]
     assert "hyperband (asynchronous): 3 brackets, trials dealt to them in turn; bracket by bracket a trial is judged " \
         "at epochs 1, 3 / at epochs 3 / never (runs to 9)" in plans["hyperband"]
     assert "median: from epoch 1" in plans["median"] and "once 3 have reached it" in plans["median"]
@@ -78,8 +79,6 @@ def _drive_scheduler(name: str, arms: dict[str, list[list[float]]], order: list[
     arms whose trials arrive in turn. Returns arm -> epochs each of its trials trained."""
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import TrialScheduler
-
-    from sweeps.runner import SCHEDULERS
 
     spec = validate_spec({"name": "s", "train": {"epochs": epochs}, "arms": {a: {"lr": 0.1} for a in arms},
                           "scheduler": {"name": name, "grace_period": 1, **settings}}, "spec.yaml")
@@ -307,3 +306,14 @@ def test_a_follow_up_sweep_starts_from_the_first_ones_trials(tmp_path, tiny_spec
         **tiny_spec["search"], "warm_start": str(tmp_path / "nowhere")}})), "--storage", str(tmp_path), "--name", "x")
     assert missing.returncode == 2 and f"search.warm_start {tmp_path / 'nowhere'}: " in missing.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("grace, factor, max_t", [(1, 3, 9), (1, 2, 4), (2, 3, 30), (1, 4, 100), (3, 2, 7)])
+def test_the_rungs_the_plan_and_report_show_are_the_ones_ray_judges_at(grace, factor, max_t):
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    from analysis.outcome import asha_rungs
+
+    for bracket in range(3):
+        ray_rungs = [milestone for milestone, _ in reversed(_Bracket(grace, max_t, factor, bracket)._rungs)]
+        assert asha_rungs(grace, factor, max_t, bracket) == [m for m in ray_rungs if m < max_t]

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO, run_cli, write_spec
 from sweeps.space import param_space
-from sweeps.spec import SpecError, count_trials, load_spec, resolve_key, validate_spec
+from sweeps.spec import Scheduler, SpecError, count_trials, flag_overrides, load_spec, resolve_key, validate_spec
 from trainables.settings import apply_settings
 from ray.tune.search.variant_generator import generate_variants
 
@@ -45,7 +45,21 @@ BAD = [  # (spec changes, text the one-line error must contain)
      "arms.a.train.seed: seeds are replicates, never searched: list them as a grid"),
     ({"space": {"batch_size": {"grid": [32, 64]}}, "search": {"algorithm": "optuna"}},
      "space.data.batch_size: grid domains need search.algorithm grid or random; with optuna use choice"),
-    ({"search": {"num_samples": 3}}, "search.num_samples: 3 repeats of arm base would be 3 identical trials"),
+    ({"search": {"num_samples": 3}}, "search.num_samples: 3 repeats of the spec (it has no arms) would be 3 identical"),
+    ({"arms": {}, "scheduler": {"name": "pbt"}}, "space: pbt explores the settings a sweep searches, and this one"),
+    ({"arms": {"adam": {}}}, "arms.adam: named after optimizer adam, but trains sgd (the base optim.optimizer)"),
+    ({"arms": {"adam": None, "sgd": {}}}, "arms.adam: named after optimizer adam, but trains sgd"),
+    ({"arms": {"adamw": {"optimizer": "adam"}}}, "arms.adamw: named after optimizer adamw, but trains adam (its optim"),
+    ({"arms": {"adam": {"lr": {"logunifrom": [1e-4, 1e-2]}}}},
+     "arms.adam.lr: unknown domain kind 'logunifrom'; use one of grid, choice, uniform, loguniform, int"),
+    ({"arms": {"a": {"lr": {"grid": 0.1}}}}, "arms.a.lr: grid: Input should be a valid list, got 0.1"),
+    ({"search": {"mode": "maximum"}}, "search.mode: must be max or min, or a list of them (one per metric), got 'maximum'"),
+    ({"search": {"metric": 5}}, "search.metric: must be a metric's name or a list of them, got 5"),
+    ({"data__val_split": "half"}, "data.val_split: must be a fraction in (0, 1) or 'test', got 'half'"),
+    ({"train__epochs": "three"}, ("train.epochs: Input should be a valid integer, unable to parse string as an "
+                                  "integer, got 'three'")),
+    ({"train__epochz": 3}, "train.epochz: unknown key; use one of epochs, loss, seed, report_every"),
+    ({"data": {"name": "mnist5k", "augment": {"flip": True}}}, "data.augment.flip: unknown key; use one of crop_padding"),
     ({"search": {"metric": "val_accuracy"}}, "search.metric: 'val_accuracy' is not a metric every trial reports"),
     ({"search": {"metric": "test_acc"}}, "search.metric: test_acc is reported once, after the last epoch"),
     ({"search": {"metric": "val_loss"}}, "search.mode: val_loss is better when lower; use mode: min"),
@@ -67,7 +81,8 @@ BAD = [  # (spec changes, text the one-line error must contain)
     ({"arms": {"a": {"betas": [1.5, 0.9]}}}, "arms.a.optim.betas: each must be in [0, 1), got [1.5, 0.9]"),
     ({"space": {"seed": {"grid": list(range(200))}, "batch_size": {"grid": list(range(1, 101))}}}, "expands to 20,000 trials"),
     ({"data__val_split": 1.5}, "data.val_split: must be a fraction"),
-    ({"name": "has space"}, "name: String should match pattern"),
+    ({"name": "../x"}, ("name: names the results directory: letters, digits, '.', '_' and '-', starting with a "
+                        "letter or digit, got '../x'")),
     ({"scheduler": {"name": "bohb"}}, "scheduler.name: Input should be 'fifo', 'asha', 'hyperband', 'median' or 'pbt'"),
     ({"resources": {"gpu": -1}}, "resources.gpu: Input should be greater than or equal to 0"),
     ({"compare_by": ["nope"]}, "compare_by: unknown setting 'nope'"),
@@ -123,13 +138,13 @@ def test_optuna_gives_every_arm_the_same_budget():
 
 
 def test_overrides_and_bundled_names(tmp_path):
-    spec, path = load_spec("quickstart", ["train.epochs=2", "arms.adam.weight_decay=0.01"])
+    spec, path = load_spec("quickstart", flag_overrides(["train.epochs=2", "arms.adam.weight_decay=0.01"]))
     assert path.name == "quickstart.yaml" and spec.train.epochs == 2
     assert spec.arm_settings()["adam"]["optim.weight_decay"] == 0.01
     with pytest.raises(SpecError, match="not a file and not a bundled spec; bundled: .*quickstart"):
         load_spec("no-such-spec")
     with pytest.raises(SpecError, match="--set train.epochs: expected KEY=VALUE"):
-        load_spec("quickstart", ["train.epochs"])
+        load_spec("quickstart", flag_overrides(["train.epochs"]))
 
 
 def test_malformed_yaml_names_file_and_line(tmp_path):
@@ -149,7 +164,7 @@ def test_cli_validate_prints_plan_and_bad_input_exits_2(tmp_path):
     path = write_spec(tmp_path, spec_with(optim__lr=-1))
     bad = run_cli("validate", str(path))
     assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines() == [f"sweep: error: {path}: optim.lr: Input should be greater than 0"]
+    assert bad.stderr.strip().splitlines() == [f"sweep: error: {path}: optim.lr: Input should be greater than 0, got -1"]
 
 
 def test_cli_list_shows_bundled_specs():
@@ -165,3 +180,57 @@ def test_the_cli_leaves_the_dataset_decoders_unimported():
             "assert not bad, bad")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_key_given_twice_is_refused_with_its_line_in_the_file_and_in_a_set_value(tmp_path):
+    spec = tmp_path / "twice.yaml"
+    spec.write_text("name: t\narms:\n  sgd: {optimizer: sgd}\n  adam: {optimizer: adam}\n  sgd: {lr: 0.1}\n")
+    with pytest.raises(SpecError) as err:
+        load_spec(str(spec))
+    assert str(err.value) == (f"{spec}: line 5: key 'sgd' is given twice in one mapping; YAML would keep only the "
+                              "last: give it once (first given on line 3)")
+    with pytest.raises(SpecError, match=r"^--set space=\{lr: 1, lr: 2\}: key 'lr' is given twice in one mapping"):
+        load_spec("quickstart", flag_overrides(["space={lr: 1, lr: 2}"]))
+
+
+def test_set_changes_arms_that_exist_and_adds_one_only_from_a_whole_mapping():
+    with pytest.raises(SpecError) as err:
+        load_spec("quickstart", flag_overrides(["arms.adamm.lr=0.01"]))
+    assert str(err.value).startswith("--set arms.adamm.lr=0.01: ") and "has no arm 'adamm' (its arms: " in str(err.value)
+    assert "adam, " in str(err.value) and "--set 'arms.adamm={optimizer: adam, lr: 1.0e-3}'" in str(err.value)
+    with pytest.raises(SpecError, match="has no arm 'lion'"):
+        load_spec("quickstart", flag_overrides(["arms.lion=adam"]))
+    spec, _ = load_spec("quickstart", flag_overrides(["arms.rms={optimizer: rmsprop, lr: {uniform: [0.001, 0.01]}}"]))
+    assert spec.arm_settings()["rms"]["optim.optimizer"] == "rmsprop"
+
+
+def test_an_error_a_flag_brings_names_the_flag_and_one_the_file_has_names_the_file(tmp_path):
+    def error(spec: str, *sets: str, name: str | None = None) -> str:
+        with pytest.raises(SpecError) as err:
+            load_spec(spec, flag_overrides(list(sets), name))
+        return str(err.value)
+
+    assert error("quickstart", "train.epochs=three", "train.report_every=1").startswith(
+        "--set train.epochs=three: train.epochs: Input should be a valid integer")
+    assert error("quickstart", "arms.sgd.optimizer=lion").startswith(
+        "--set arms.sgd.optimizer=lion: arms.sgd.optim.optimizer: unknown optimizer 'lion'")
+    assert error("quickstart", name="../x").startswith("--name ../x: name: names the results directory")
+    bad = write_spec(tmp_path, spec_with(optim__lr=-1))
+    assert error(str(bad), "train.epochs=2").startswith(f"{bad}: optim.lr: Input should be greater than 0")
+    assert error(str(tmp_path)) == (f"{tmp_path}: is a directory; give a spec's YAML file or a bundled spec's name "
+                                    "(see `sweep list`)")
+
+
+@pytest.mark.parametrize("scheduler", Scheduler.model_fields["name"].annotation.__args__)
+def test_smoke_keeps_every_valid_spec_valid(scheduler):
+    from sweeps.runner import smoke_spec
+    from sweeps.spec import bundled_specs
+
+    for name in sorted(bundled_specs()):
+        raw = load_spec(name)[0].model_dump(mode="json", by_alias=True)
+        raw["scheduler"]["name"] = scheduler
+        try:
+            spec = validate_spec(raw, name)
+        except SpecError:
+            continue  # not a valid spec with this scheduler: nothing for smoke to keep
+        smoke_spec(spec)  # raises SpecError where smoke broke it

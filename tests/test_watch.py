@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 
 from conftest import CHROMIUM, REPO, free_port, run_cli, trial_results, write_spec
@@ -59,6 +60,28 @@ def test_the_quickstart_in_a_pipe_is_short_and_says_how_each_trial_ended(tmp_pat
                          r"\d+ of 180 epochs", line) for line in lines)
     assert "Trial status:" not in done.stdout and "started with configuration" not in done.stdout
     assert "Comparison (as in report/comparison.md)" in done.stdout
+    # Early stopping judged each arm on its own: every arm trained a trial to the end, so no row is provisional.
+    comparison = pd.read_csv(tmp_path / "quickstart" / "report" / "comparison.csv", keep_default_na=False)
+    assert len(comparison) == 5 and not comparison["note"].str.contains("stopped early").any(), comparison
+    assert (comparison["n_seeds"] == 1).all() and (comparison["epochs_trained"] >= 9).all()
+    # The first run says in one sentence what it can and cannot conclude, and which command would.
+    assert "Conclusion: one seed per configuration cannot separate the arms" in done.stdout
+
+
+def test_a_run_in_a_pipe_shows_no_notices_of_ray_or_tune_and_fits_100_columns(tmp_path, tiny_spec):
+    # Every run printed Ray's token-auth notice, Tune's configuration box and a TensorBoard command into a
+    # temporary /tmp/ray/session_... folder; the comparison at the end was 230 characters wide.
+    tiny_spec["train"]["epochs"] = 1
+    done = run_cli("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path), "--no-dashboard",
+                   env={"COLUMNS": ""})  # a pipe: no terminal to take the width from
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = done.stdout + done.stderr
+    for notice in ("Token authentication is enabled", "Configuration for experiment", "View detailed results here",
+                   "tensorboard --logdir", "/tmp/ray/session_"):
+        assert notice not in said, notice
+    summary = done.stdout[done.stdout.index("Comparison (as in report/comparison.md):"):].splitlines()
+    assert max(map(len, summary)) <= 100, "\n".join(summary)
+    assert len(said.splitlines()) < 25, said
 
 
 def test_verbose_brings_back_tunes_tables(tmp_path, tiny_spec):
@@ -99,20 +122,20 @@ def journal_trials(results_dir: Path) -> dict[str, list[optuna.trial.FrozenTrial
 
 
 def test_the_journal_holds_every_trial_of_every_arm_as_it_ran(tmp_path, tiny_spec):
-    # ASHA stops the hopeless arm (one trial at a time, good first): pruned in Optuna's words. The broken arm's
-    # trial fails (4 TB of weights): failed in Optuna's words.
+    # ASHA stops the hopeless learning rate of the adam arm (one trial at a time, a good one first): pruned in
+    # Optuna's words. The broken arm's trial fails (4 TB of weights): failed in Optuna's words.
     tiny_spec.update(train={"epochs": 3}, search={"max_concurrent": 1}, run={"max_failures": 0},
-                     arms={"good": {"optimizer": "adam", "lr": {"grid": [0.003, 0.01]}},
-                           "hopeless": {"optimizer": "sgd", "lr": 1.0e-7},
+                     arms={"good": {"optimizer": "adam", "lr": {"grid": [0.003, 1.0e-7]}},
+                           "sgd": {"optimizer": "sgd", "lr": 0.1},
                            "broken": {"optimizer": "sgd", "hidden_sizes": [1, 10**12]}},
                      scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2}, space={"seed": {"grid": [0]}})
     done = run_cli("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path), "--no-dashboard")
     assert done.returncode == 0, done.stderr[-3000:]
     studies, rows = journal_trials(tmp_path / "tiny"), trial_results(tmp_path / "tiny")
-    assert sorted(studies) == ["broken", "good", "hopeless"] and len(studies["good"]) == 2
+    assert sorted(studies) == ["broken", "good", "sgd"] and len(studies["good"]) == 2
     [broken] = studies.pop("broken")
     assert broken.state == optuna.trial.TrialState.FAIL and not broken.intermediate_values
-    assert len(studies["hopeless"]) == 1
+    assert len(studies["sgd"]) == 1
     for arm, trials in studies.items():
         for trial in trials:
             tune_rows = next(r for name, r in rows.items() if name.endswith(trial.user_attrs["tune_trial_id"]))
@@ -122,8 +145,9 @@ def test_the_journal_holds_every_trial_of_every_arm_as_it_ran(tmp_path, tiny_spe
                 assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == tune_rows[-1]["val_acc"]
             else:  # ASHA stopped it
                 assert trial.state == optuna.trial.TrialState.PRUNED and trial.value is None
-    assert studies["hopeless"][0].state == optuna.trial.TrialState.PRUNED
-    assert any(t.state == optuna.trial.TrialState.COMPLETE for t in studies["good"])
+    assert {t.params["optim.lr"]: t.state for t in studies["good"]} == {
+        0.003: optuna.trial.TrialState.COMPLETE, 1.0e-7: optuna.trial.TrialState.PRUNED}
+    assert studies["sgd"][0].state == optuna.trial.TrialState.COMPLETE  # alone in its arm: nothing to stop it
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is not installed")
