@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 EPOCH_CAPPING = ("asha", "hyperband")  # schedulers that end every trial at their last rung, `max_t`
-GRACE_PERIOD, REDUCTION_FACTOR = 1, 3  # the spec's defaults (sweeps.spec.Scheduler); a spec as run states both
+GRACE_PERIOD, REDUCTION_FACTOR = 1, 3  # the spec's defaults (sweeps.schema.Scheduler); a spec as run states both
 
 
 def epoch_cap(scheduler: Mapping[str, Any]) -> int | None:

@@ -39,6 +39,7 @@ from analysis.tables import (
     seed_columns,
 )
 
+
 def write_report(results_dir: str | Path, out_dir: str | Path | None = None, *, target: float | None = None) -> Path:
     """Reads the results under `results_dir` and writes the tables and report.html into `out_dir`
     (default `results_dir/report`); returns the path of report.html. `target`: the validation score to

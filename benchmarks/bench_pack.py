@@ -13,7 +13,7 @@ for 1/K each), `amp` (none, bf16, fp16) and `channels_last` (true/false). Column
 - train: from the first epoch reported to the last, watched from here every 0.1 s;
 - epochs/s: trial-epochs per second of `train`; ratio: against the first variant of the same net.
 
-Trials without a GPU pack here although `sweep run` would not pack them (sweeps.spec.PACK_ON_CPU): measuring that
+Trials without a GPU pack here although `sweep run` would not pack them (sweeps.schema.PACK_ON_CPU): measuring that
 is why it does not.
 
     python benchmarks/bench_pack.py [--variants "pack=1;pack=4"] [--trials 16] [--epochs 20] [--nets mlp,cnn]
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from sweeps.spec import PACK_ON_CPU
+from sweeps.schema import PACK_ON_CPU
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {"mlp": {"name": "mlp", "hidden_sizes": [256, 128]}, "cnn": {"name": "lenet_cifar"}}

@@ -9,34 +9,19 @@ import textwrap
 from pathlib import Path
 
 from analysis import ResultsError
-from sweeps.spec import (
-    Override,
-    SpecError,
-    SweepFailed,
-    SweepInterrupted,
-    bundled_specs,
-    check_target,
-    count_trials,
-    flag_overrides,
-    load_spec,
-    run_notes,
-)
+from sweeps.schema import Override, SpecError, SweepFailed, SweepInterrupted, count_trials
+from sweeps.spec import bundled_specs, flag_overrides, load_spec, parse_spec
 
 
 def cmd_list(args: argparse.Namespace) -> None:
-    """One line per bundled spec, within the terminal's width (100 in a pipe): its description is cut to fit."""
+    """One line per bundled spec, within the terminal's width (100 in a pipe): its description is cut to fit. Read
+    with the schema alone, so listing imports no torch; `sweep validate NAME` checks one in full."""
     specs = sorted(bundled_specs().items())
     width, pad = shutil.get_terminal_size((100, 24)).columns, max(len(name) for name, _ in specs)
     for name, path in specs:
-        try:
-            spec, _ = load_spec(str(path))
-            head, summary = f"{sum(count_trials(spec).values()):5d} trials", " ".join(spec.description.split())
-        except SpecError as err:  # a model whose library does not import on this machine: say so, go on
-            if ": model.name: " not in str(err):
-                raise
-            head, summary = "    - trials", f"cannot run here: {str(err).split(': model.name: ', 1)[1]}"
-        line = f"{name:{pad}s} {head}  "
-        print(line + textwrap.shorten(summary, max(20, width - len(line)), placeholder=" …"))
+        spec = parse_spec(path)
+        line = f"{name:{pad}s} {sum(count_trials(spec).values()):5d} trials  "
+        print(line + textwrap.shorten(" ".join(spec.description.split()), max(20, width - len(line)), placeholder=" …"))
 
 
 def overrides(args: argparse.Namespace) -> list[Override]:
@@ -47,7 +32,7 @@ def overrides(args: argparse.Namespace) -> list[Override]:
 def cmd_validate(args: argparse.Namespace) -> None:
     spec, path = load_spec(args.spec, overrides(args))
     if args.smoke:
-        from sweeps.runner import smoke_spec
+        from sweeps.smoke import smoke_spec
         spec = smoke_spec(spec)
     trials = count_trials(spec)
     print(f"{path}: valid")
@@ -71,6 +56,8 @@ def cmd_validate(args: argparse.Namespace) -> None:
         print(f"    {arm:{width}s} {trials[arm]:5d}  {shown}")
     for key, value in spec.space_settings().items():
         print(f"  space      {key} = {_show(value)}")
+    from sweeps.checks import run_notes
+
     for note in [*spec.notes, *run_notes(spec)]:
         print(f"  note       {note}")
 
@@ -80,7 +67,8 @@ def _show(value) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from sweeps.runner import run_sweep, smoke_spec
+    from sweeps.runner import run_sweep
+    from sweeps.smoke import smoke_spec
     spec, _ = load_spec(args.spec, overrides(args))
     if args.smoke:
         spec = smoke_spec(spec)
@@ -128,7 +116,9 @@ def cmd_report(args: argparse.Namespace) -> None:
         if out:
             check_writable(out, "--out")
     if args.target is not None:
+        from sweeps.checks import check_target
         from sweeps.storage import read_spec
+
         check_target(args.target, read_spec(results_dir).search.metrics[0])
     print(write_report(results_dir, out, target=args.target))
 

@@ -19,7 +19,8 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
-from sweeps.spec import SpecError, flag_overrides, load_spec
+from sweeps.schema import SpecError
+from sweeps.spec import flag_overrides, load_spec
 
 TOKEN_HELP = ("set RAY_AUTH_TOKEN, point RAY_AUTH_TOKEN_PATH at a file holding it, or save it as ~/.ray/auth_token "
               "(`ray get-auth-token` prints it on the head node)")
@@ -162,7 +163,7 @@ def submit_sweep(spec: str, *, address: str | None, storage: str, overrides: lis
     import analysis
     import sweeps
     import trainables
-    from sweeps.runner import smoke_spec
+    from sweeps.smoke import smoke_spec
 
     checked, path = load_spec(spec, flag_overrides(list(overrides), name))
     if smoke:

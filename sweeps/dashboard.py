@@ -20,8 +20,9 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 from ray import tune
 
+from analysis.outcome import planned_epochs, stopped_early
+from sweeps.schema import Domain, Spec, SpecError
 from sweeps.space import category, distribution, finite
-from sweeps.spec import Domain, Spec, SpecError
 
 JOURNAL = "optuna.log"
 SEED = "train.seed"
@@ -85,11 +86,10 @@ class OptunaJournal(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         result = trial.last_result or {}
         values, epoch = [result.get(m) for m in self.metrics], result.get("epoch", 0)
-        planned = int(trial.config["arm"].get("train.epochs", self.epochs))
-        planned = min(planned, self.max_t) if self.max_t else planned
+        planned = planned_epochs(trial.config["arm"], self.epochs, self.max_t)
         if not all(finite(v) for v in values):
             self._finish(trial, TrialState.FAIL)
-        elif epoch < planned and not result.get("diverged"):
+        elif stopped_early(epoch, planned, bool(result.get("diverged"))):
             self._finish(trial, TrialState.PRUNED)  # stopped early by the scheduler
         else:
             self._finish(trial, TrialState.COMPLETE, [float(v) for v in values])

@@ -17,7 +17,8 @@ from typing import Any
 
 from ray import tune
 
-from sweeps.spec import Domain, Spec, count_trials
+from analysis.outcome import planned_epochs, stopped_early
+from sweeps.schema import Domain, Spec, count_trials
 
 ENDED = ("TERMINATED", "ERROR")
 INTERRUPTED = threading.Event()  # Ctrl-C (SIGINT) stopped the sweep: Tune saved its state and stops its trials
@@ -74,12 +75,12 @@ class Progress(tune.Callback):
             self._last_line = now
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        result, arm = trial.last_result or {}, trial.config["arm"]["name"]
+        result = trial.last_result or {}
         epoch, value = result.get("epoch"), result.get(self.metric)
         settings = self._settings(trial)
         if result.get("diverged"):
             how = f"diverged at epoch {epoch}"
-        elif epoch is not None and epoch < self._planned(trial):
+        elif epoch is not None and stopped_early(epoch, self._planned(trial), False):
             how = f"stopped early after {_epochs(epoch)}"
         else:
             how = f"completed {_epochs(epoch)}"
@@ -102,8 +103,7 @@ class Progress(tune.Callback):
     # --- what is shown --------------------------------------------------------------------------------
 
     def _planned(self, trial) -> int:
-        epochs = int(trial.config["arm"].get("train.epochs", self.epochs))
-        return min(epochs, self.max_t) if self.max_t else epochs
+        return planned_epochs(trial.config["arm"], self.epochs, self.max_t)
 
     def _settings(self, trial) -> str:
         searched = self.searched.get(trial.config["arm"]["name"], [])
@@ -113,16 +113,16 @@ class Progress(tune.Callback):
         """One line: trials by state, epochs trained of planned, elapsed time and an ETA."""
         states = [t.status for t in trials]
         done, failed = states.count("TERMINATED"), states.count("ERROR")
-        stopped = sum(1 for t in trials if t.status == "TERMINATED" and not (t.last_result or {}).get("diverged")
-                      and (t.last_result or {}).get("epoch", 0) < self._planned(t))
+        stopped = sum(1 for t in trials if t.status == "TERMINATED" and stopped_early(
+            (t.last_result or {}).get("epoch", 0), self._planned(t), bool((t.last_result or {}).get("diverged"))))
         trained = sum((t.last_result or {}).get("epoch", 0) for t in trials)
-        planned = sum(self._planned(t) for t in trials) + (self.total - len(trials)) * min(self.epochs,
-                                                                                            self.max_t or self.epochs)
+        not_started = (self.total - len(trials)) * planned_epochs({}, self.epochs, self.max_t)
+        planned = sum(self._planned(t) for t in trials) + not_started
         if self._epochs_at_start is None:
             self._epochs_at_start = trained  # epochs restored by `sweep resume` are not this run's speed
         elapsed = time.monotonic() - self._started
         left = sum(self._planned(t) - (t.last_result or {}).get("epoch", 0) for t in trials if t.status not in ENDED)
-        left += (self.total - len(trials)) * min(self.epochs, self.max_t or self.epochs)
+        left += not_started
         rate = (trained - self._epochs_at_start) / elapsed if elapsed > 0 else 0
         eta = f", ETA {'≤ ' if self.max_t else ''}{_duration(left / rate)}" if rate > 0 and left > 0 else ""
         return (f"{self.name}: {done} of {self.total} trials done ({stopped} stopped early), "

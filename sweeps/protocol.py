@@ -29,13 +29,13 @@ from sweeps.runner import (
     start_ray,
     warm_start,
 )
-from sweeps.spec import Spec, SpecError, count_trials, dump_spec, validate_spec
+from sweeps.schema import Spec, SpecError, count_trials
+from sweeps.spec import validate_spec
 from sweeps.storage import (
-    SPEC_FILE,
     new_results_dir,
     read_spec,
     storage_uri,
-    write_text,
+    write_spec,
 )
 
 TUNE, CONFIRM = "tune", "confirm"
@@ -111,7 +111,7 @@ def run_protocol(spec: Spec, *, storage: str | None = None, address: str | None 
     spec.notes = [*spec.notes, *notes_said(spec)] if not resume else spec.notes
     start_ray(address, dashboard=dashboard, storage=str(results_dir))
     if not resume:
-        write_text(str(results_dir / SPEC_FILE), dump_spec(spec))
+        write_spec(str(results_dir), spec)
     counts = count_trials(spec)
     say(f"{spec.name}: protocol, {sum(counts.values())} trials: per arm {spec.search.num_samples} to tune "
         f"+ {spec.protocol.confirm_seeds} to confirm; results in {results_dir}")
@@ -138,7 +138,7 @@ def _run_stage(results_dir: Path, stage: str, make_spec, dataset, verbose: bool,
     else:
         stage_spec = make_spec()
         say(f"stage {stage}: {sum(count_trials(stage_spec).values())} trials")
-        write_text(str(stage_dir / SPEC_FILE), dump_spec(stage_spec))
+        write_spec(str(stage_dir), stage_spec)
         tuner = build_tuner(stage_spec, dataset, storage=str(results_dir), verbose=verbose,
                             experiment=f"{results_dir.name}/{stage}", warm=warm)
     fit(tuner, stage_spec, str(stage_dir), str(results_dir))

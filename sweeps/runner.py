@@ -7,7 +7,6 @@ import os
 import socket
 import zipfile
 from pathlib import Path
-from typing import Any
 
 from ray import tune
 from ray.tune.search import ConcurrencyLimiter
@@ -16,17 +15,8 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from sweeps.cluster import check_shared_storage, token_hint, use_token_if_found
 from sweeps.console import say
 from sweeps.schedulers import create_scheduler, max_epochs
+from sweeps.schema import Spec, SpecError, SweepFailed, SweepInterrupted, count_trials
 from sweeps.space import PerArmOptuna, param_space
-from sweeps.spec import (
-    Spec,
-    SpecError,
-    SweepFailed,
-    SweepInterrupted,
-    count_trials,
-    dump_spec,
-    run_notes,
-    validate_spec,
-)
 from sweeps.storage import (
     SPEC_FILE,
     check_object_store,
@@ -34,54 +24,10 @@ from sweeps.storage import (
     new_results_dir,
     read_spec,
     storage_uri,
-    write_text,
+    write_spec,
 )
 from sweeps.tune_patches import CSVLogger, JsonLogger, SchedulerState, trial_actor
 from trainables.data import DataError, Dataset, load_dataset
-
-# --- smoke --------------------------------------------------------------------------------------
-
-def smoke_spec(spec: Spec) -> Spec:
-    """The same sweep, small: a data subset, few epochs, small images, at most 2 values per grid, one seed."""
-    raw = spec.model_dump(mode="json", by_alias=True)
-    raw["smoke"] = True
-    raw["data"]["train_subset"] = min(raw["data"]["train_subset"] or 600, 600)
-    raw["data"]["batch_size"] = min(max(raw["data"]["batch_size"], 32), 64)  # tiny batches cost a step per few images
-    if raw["data"]["resize"]:
-        raw["data"]["resize"] = min(raw["data"]["resize"], 64)  # AlexNet's smallest comfortable input
-    raw["train"]["epochs"] = min(raw["train"]["epochs"], 3)
-    raw["train"]["report_every"] = 1  # every one of the few epochs
-    # Only the last epoch: a big model's checkpoint costs more than its epoch. PBT copies a checkpoint at every
-    # perturbation, so there every epoch's is kept (any perturbation_interval is a multiple of 1).
-    raw["train"]["checkpoint_every"] = 1 if raw["scheduler"]["name"] == "pbt" else 3
-    raw["search"]["num_samples"] = min(raw["search"]["num_samples"], 2)
-    if raw["scheduler"]["max_t"]:
-        raw["scheduler"]["max_t"] = min(raw["scheduler"]["max_t"], 3)
-    raw["resources"] = {"cpu": min(raw["resources"]["cpu"], 1), "gpu": 0}  # what any laptop has
-    if raw["train"]["device"] == "cuda":
-        raw["train"]["device"] = "auto"
-    caps = {"epochs": 3, "train_subset": raw["data"]["train_subset"], "report_every": 1}  # values an arm or the space sets
-
-    def shrink(settings: dict[str, Any]) -> None:
-        for key, value in settings.items():
-            name = key.rsplit(".", 1)[-1]
-            cap = caps.get(name)
-            if isinstance(value, dict) and "grid" in value:
-                kept = value["grid"][:1 if name == "seed" else 2]  # seeds repeat a trial; one shows it runs
-                value["grid"] = [min(v, cap) if cap else v for v in kept]
-            elif cap and isinstance(value, int):
-                settings[key] = min(value, cap)
-            elif name == "device" and value == "cuda":  # no GPU per smoke trial
-                settings[key] = "auto"
-
-    shrink(raw["space"])
-    for arm in raw["arms"].values():
-        shrink(arm or {})
-    raw["notes"] = [*raw["notes"], "smoke run: training subset <= 600 images, batches of 32-64, <= 3 epochs, "
-                    "a checkpoint at the last epoch only (every epoch under pbt), images <= 64 px, <= 2 values per grid, 1 seed, "
-                    "<= 2 samples, 1 CPU and no GPU per trial"]
-    return validate_spec(raw, f"{spec.name} (smoke)")
-
 
 # --- Ray ----------------------------------------------------------------------------------------
 
@@ -295,7 +241,7 @@ def run_sweep(spec: Spec, *, storage: str | None = None, address: str | None = N
     if spec.scheduler.name in ("asha", "hyperband") and not spec.scheduler.max_t:
         spec.scheduler.max_t = max_epochs(spec)  # the spec as run states the rung ladder in full
     start_ray(address, dashboard=dashboard, storage=storage)
-    write_text(f"{results_dir}/{SPEC_FILE}", dump_spec(spec))
+    write_spec(results_dir, spec)
     trials = count_trials(spec)
     say(f"{spec.name}: {sum(trials.values())} trials ({', '.join(f'{a} {n}' for a, n in trials.items())}); "
         f"results in {results_dir}")
@@ -374,7 +320,9 @@ def warm_start(spec: Spec) -> dict | None:
 
 
 def notes_said(spec: Spec) -> list[str]:
-    """Say what the user should know before this run (`sweeps.spec.run_notes`); returns the notes."""
+    """Say what the user should know before this run (`sweeps.checks.run_notes`); returns the notes."""
+    from sweeps.checks import run_notes
+
     notes = run_notes(spec)
     for note in notes:
         say(f"note: {note}")

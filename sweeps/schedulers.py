@@ -18,8 +18,8 @@ from ray.tune.schedulers import (
     TrialScheduler,
 )
 
+from sweeps.schema import Domain, Spec
 from sweeps.space import SEED, plain, tune_domain
-from sweeps.spec import Domain, Spec
 from trainables.settings import resolve_settings
 
 

@@ -27,7 +27,7 @@ from ray import tune
 from ray.tune.search import Searcher
 
 from analysis.outcome import planned_epochs, stopped_early
-from sweeps.spec import Domain, Spec
+from sweeps.schema import Domain, Spec
 
 SEED = "train.seed"
 
@@ -196,7 +196,8 @@ def warm_start_trials(spec: Spec) -> dict[str, list[optuna.trial.FrozenTrial]]:
     the same settings in each (domains and fixed values alike) and the same metrics; else SpecError names
     what differs."""
     from analysis import ResultsError, load_results
-    from sweeps.spec import SpecError, validate_spec
+    from sweeps.schema import SpecError
+    from sweeps.spec import validate_spec
 
     directory = spec.search.warm_start
     where = f"search.warm_start {directory}"

@@ -3,6 +3,7 @@ starts, written atomically, and read back (the spec a results directory was run 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -12,10 +13,17 @@ import pyarrow.fs
 import yaml
 
 from sweeps.console import say
-from sweeps.spec import Spec, SpecError, validate_spec
+from sweeps.schema import Spec, SpecError
+from sweeps.spec import dump_spec, validate_spec
 
 SPEC_FILE = "spec.yaml"  # the spec as it was run, beside Tune's own files in every results directory
 VERSIONS_FILE = "versions.json"  # the code and library versions that made the results, beside the spec
+
+
+def write_spec(results_dir: str, spec: Spec) -> None:
+    """The spec as run and the versions that run it (`versions()`), into a new results directory."""
+    write_text(f"{results_dir}/{SPEC_FILE}", dump_spec(spec))
+    write_text(f"{results_dir}/{VERSIONS_FILE}", json.dumps(versions(), indent=2) + "\n")
 
 
 def versions() -> dict[str, str]:

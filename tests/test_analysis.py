@@ -11,13 +11,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import stats
 from results_fixtures import curve_rows, spec_for, synthetic_sweep, write_spec, write_trial
+from scipy import stats
 
 from analysis import ResultsError, load_results, write_report
+from analysis.figures import (
+    MAX_POINTS,
+    NotApplicable,
+    _confusion_info,
+    _curves_info,
+    _early_stopping_info,
+    _parallel_info,
+    _sensitivity_info,
+    make_figure,
+)
 from analysis.results import Results
-from analysis.figures import (MAX_POINTS, NotApplicable, _confusion_info, _curves_info, _early_stopping_info,
-                              _parallel_info, _sensitivity_info, make_figure)
 from analysis.stats import prediction_interval, summarize
 from analysis.tables import ALPHA, compare, conclusion, reference_table
 

@@ -9,18 +9,25 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from results_fixtures import curve_rows, spec_for, write_spec, write_trial
 from scipy import optimize, stats
+from test_protocol import _protocol_dir, seeds
 
 from analysis import load_results, write_report
 from analysis.budget import default_target, plan_report, plan_seeds, time_to_target, tuning_curves
 from analysis.protocol import pairwise, verdict
-from analysis.stats import (expected_best, expected_best_band, expected_power, minimum_detectable_effect, paired_power,
-                            paired_test, seeds_needed)
-from analysis.stats import BAND_FRACTION, _best_band  # the band's core, vectorised over samples
+from analysis.stats import (  # the band's core, vectorised over samples
+    BAND_FRACTION,
+    _best_band,
+    expected_best,
+    expected_best_band,
+    expected_power,
+    minimum_detectable_effect,
+    paired_power,
+    paired_test,
+    seeds_needed,
+)
 from analysis.tables import compare
-from results_fixtures import curve_rows, spec_for, write_spec, write_trial
-from test_protocol import _protocol_dir, seeds
-
 
 # --- tuning curves ----------------------------------------------------------------------------------------
 

@@ -10,14 +10,14 @@ import re
 import numpy as np
 import pytest
 import yaml
+from conftest import write_spec
 
 from sweeps.cli import main
-from sweeps.runner import smoke_spec
-from sweeps.spec import bundled_specs, count_trials, flag_overrides, load_spec
+from sweeps.schema import count_trials
+from sweeps.smoke import smoke_spec
+from sweeps.spec import bundled_specs, flag_overrides, load_spec
 from trainables.data import load_dataset
 from trainables.train import training_split
-
-from conftest import write_spec
 
 BUNDLED = sorted(bundled_specs())
 

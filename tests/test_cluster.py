@@ -24,11 +24,11 @@ from types import SimpleNamespace
 
 import pytest
 import requests
-
 from conftest import REPO, run_cli, trial_results, write_spec
+
 from sweeps.cli import main
 from sweeps.cluster import find_token, job_entrypoint
-from sweeps.spec import SpecError
+from sweeps.schema import SpecError
 
 TOKEN = "sweeps-test-" + "0123456789abcdef" * 2
 

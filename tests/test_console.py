@@ -8,12 +8,12 @@ from types import SimpleNamespace
 
 from results_fixtures import report_sweep
 from rich.console import Console
+from test_protocol import _protocol_dir
 
 from analysis import console_summary, write_report
 from sweeps import cli
 from sweeps.progress import Progress
 from sweeps.spec import bundled_specs, validate_spec
-from test_protocol import _protocol_dir
 
 
 def test_the_comparison_printed_at_the_end_fits_the_terminal(tmp_path, monkeypatch):

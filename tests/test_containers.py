@@ -25,9 +25,17 @@ from pathlib import Path
 
 import pytest
 import requests
-
-from conftest import (REPO, S3_CREDENTIALS, free_port, make_bucket, run_cli, s3_objects, start_moto, trial_results,
-                      write_spec)
+from conftest import (
+    REPO,
+    S3_CREDENTIALS,
+    free_port,
+    make_bucket,
+    run_cli,
+    s3_objects,
+    start_moto,
+    trial_results,
+    write_spec,
+)
 
 BASE = "localhost/debian-python:bookworm"  # Debian 12: its python3 is 3.11
 IMAGE = "localhost/sweeps:test"

@@ -4,11 +4,19 @@ import warnings
 import numpy as np
 import pytest
 import torch
-
-from trainables.data import (DATASETS, SOURCES, STD_FLOOR, DataError, Loader, augment_batch, load_dataset, rotate,
-                             split_sizes)
-
 from mnist_files import write_mnist
+
+from trainables.data import (
+    DATASETS,
+    SOURCES,
+    STD_FLOOR,
+    DataError,
+    Loader,
+    augment_batch,
+    load_dataset,
+    rotate,
+    split_sizes,
+)
 
 
 def _rows(images: np.ndarray) -> set[bytes]:

@@ -72,7 +72,7 @@ def test_image_ray_matches_the_ray_clients_use():
 
     # Head, workers and the `sweep submit` client must all run one Ray version.
     assert build_args()["RAY_VERSION"] == ray.__version__
-    assert f'"ray[tune,default]==${{RAY_VERSION}}"' in " ".join(dockerfile_args("RUN"))
+    assert '"ray[tune,default]==${RAY_VERSION}"' in " ".join(dockerfile_args("RUN"))
 
 
 def test_dockerfile_runs_as_non_root_with_token_auth_and_no_baked_secret():

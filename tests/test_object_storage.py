@@ -11,7 +11,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO, S3_CREDENTIALS, run_cli, s3_objects, start_moto, trial_results, write_spec
 
 

@@ -16,12 +16,14 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import REPO, run_cli, trial_results, trial_settings, write_spec
-from sweeps.spec import PACK_ON_CPU, SpecError, run_notes, validate_spec
+
+from sweeps.checks import run_notes
+from sweeps.schema import PACK_ON_CPU, SpecError
+from sweeps.spec import validate_spec
 from trainables.data import load_dataset
-from trainables.optim import add_l2_penalty_grad, create_optimizer
 from trainables.member import pack_key
+from trainables.optim import add_l2_penalty_grad, create_optimizer
 from trainables.packed import PackedModel, PackedOptimizer, packed_epoch
 from trainables.train import Trial
 
@@ -227,7 +229,7 @@ def test_the_pack_key_ignores_exactly_the_members_own_settings():
 
 @pytest.fixture(autouse=True)
 def pack_on_cpu(monkeypatch):
-    """Every test here packs trials on this CPU (sweeps.spec.PACK_ON_CPU): the code a GPU runs."""
+    """Every test here packs trials on this CPU (sweeps.schema.PACK_ON_CPU): the code a GPU runs."""
     monkeypatch.setenv(PACK_ON_CPU, "1")
 
 

@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_cli, trial_results, write_spec
+from results_fixtures import curve_rows, spec_for, write_trial
+from results_fixtures import write_spec as write_results_spec
 from scipy import stats
 
 from analysis.protocol import ArmSeeds, pairwise, protocol_tables, verdict
 from analysis.stats import holm, paired_test
-from conftest import run_cli, trial_results, write_spec
-from results_fixtures import curve_rows, spec_for, write_trial
-from results_fixtures import write_spec as write_results_spec
 from sweeps.protocol import tuned_settings
 
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import REPO, run_cli, trial_results, write_spec
 from ray import tune
 
 from analysis import load_results
-from conftest import REPO, run_cli, trial_results, write_spec
-from sweeps.spec import PACK_ON_CPU
+from sweeps.schema import PACK_ON_CPU
 from trainables.train import CHECKPOINT_FILE, load_checkpoint
 
 # Fields that differ between two runs of the same trial (timing, process, Tune's own bookkeeping).

@@ -11,14 +11,20 @@ import re
 import numpy as np
 import pytest
 from results_fixtures import curve_rows, report_sweep, spec_for, write_spec, write_trial
+from test_protocol import _protocol_dir
 
 from analysis import load_results, write_report
 from analysis.budget import compute_seconds, time_to_target
-from analysis.figures import (MIN_IMPORTANCE_TRIALS, NotApplicable, _importance_info, arm_colours, make_figure,
-                              report_colours)
+from analysis.figures import (
+    MIN_IMPORTANCE_TRIALS,
+    NotApplicable,
+    _importance_info,
+    arm_colours,
+    make_figure,
+    report_colours,
+)
 from analysis.protocol import confirm_info, protocol_tables
 from analysis.tables import compare
-from test_protocol import _protocol_dir
 
 
 def figures_in(page: str) -> dict[str, list[dict]]:

@@ -6,11 +6,11 @@ import io
 from pathlib import Path
 
 import pytest
+from conftest import CHROMIUM
 from results_fixtures import curve_rows, report_sweep, spec_for, synthetic_sweep, write_spec, write_trial
 
 from analysis import write_report
 from analysis.figures import FIGURES
-from conftest import CHROMIUM
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is not installed")
 

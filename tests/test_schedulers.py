@@ -13,18 +13,18 @@ import optuna
 import pandas as pd
 import pytest
 import torch
-
 from conftest import run_cli, trial_results, write_spec
 from results_fixtures import curve_rows, spec_for, write_trial
 from results_fixtures import write_spec as write_results_spec
+from test_search import LR, decades_from_optimum, drive, objective, optuna_spec
+
 from sweeps.schedulers import SCHEDULERS, ArmExplorer
+from sweeps.schema import PACK_ON_CPU, SpecError
 from sweeps.space import PerArmOptuna, warm_start_trials
-from sweeps.spec import PACK_ON_CPU, SpecError, validate_spec
-from test_search import LR, OPTIMUM, decades_from_optimum, drive, objective, optuna_spec
+from sweeps.spec import validate_spec
 from trainables.models import create_model
 from trainables.optim import create_optimizer
 from trainables.train import apply_hyperparameters
-
 
 # --- the spec: what each scheduler needs, and its plan ------------------------------------------------------
 

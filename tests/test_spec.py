@@ -6,12 +6,13 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, run_cli, write_spec
-from sweeps.space import param_space
-from sweeps.spec import Scheduler, SpecError, count_trials, flag_overrides, load_spec, resolve_key, validate_spec
-from trainables.settings import apply_settings
 from ray.tune.search.variant_generator import generate_variants
+
+from sweeps.schema import Scheduler, SpecError, count_trials, resolve_key
+from sweeps.space import param_space
+from sweeps.spec import flag_overrides, load_spec, validate_spec
+from trainables.settings import apply_settings
 
 BASE = {"name": "t", "data": {"name": "mnist5k"}, "model": {"name": "mlp"}}
 
@@ -223,7 +224,7 @@ def test_an_error_a_flag_brings_names_the_flag_and_one_the_file_has_names_the_fi
 
 @pytest.mark.parametrize("scheduler", Scheduler.model_fields["name"].annotation.__args__)
 def test_smoke_keeps_every_valid_spec_valid(scheduler):
-    from sweeps.runner import smoke_spec
+    from sweeps.smoke import smoke_spec
     from sweeps.spec import bundled_specs
 
     for name in sorted(bundled_specs()):
@@ -234,3 +235,15 @@ def test_smoke_keeps_every_valid_spec_valid(scheduler):
         except SpecError:
             continue  # not a valid spec with this scheduler: nothing for smoke to keep
         smoke_spec(spec)  # raises SpecError where smoke broke it
+
+
+def test_the_command_line_answers_help_and_list_without_importing_torch_ray_or_pandas():
+    # `sweep --help` and `sweep list` answer at once: torch alone takes seconds to import (the schema looks names up
+    # in the trainables' registries only when a spec is validated to run).
+    probe = ("import sys, runpy; sys.argv = ['sweep', *sys.argv[1:]]\n"
+             "try:\n    runpy.run_module('sweeps.cli', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('torch', 'ray', 'pandas', 'plotly') if m in sys.modules), file=sys.stderr)")
+    for args in (["--help"], ["list"]):
+        done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120)
+        assert done.stderr.strip().splitlines()[-1] == "[]", (args, done.stderr)
+        assert done.stdout.strip(), args

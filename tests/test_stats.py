@@ -5,7 +5,6 @@ import math
 
 import numpy as np
 import pytest
-
 from scipy import stats
 
 from analysis.stats import metric_range, metric_resolution, prediction_interval, summarize, welch_test

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import ray
+import torch
 import yaml
-
 from conftest import run_cli, trial_results, write_spec
 
 pytestmark = pytest.mark.slow
@@ -46,6 +47,8 @@ def test_grid_sweep_reports_every_metric_every_epoch(tmp_path, tiny_spec):
         assert list(results_dir.joinpath(name).glob("checkpoint_*")), "the last epoch is checkpointed"
     saved = yaml.safe_load((results_dir / "spec.yaml").read_text())
     assert saved["name"] == "tiny" and saved["train"]["epochs"] == 2 and saved["space"] == tiny_spec["space"]
+    made = json.loads((results_dir / "versions.json").read_text())  # and the report's "Made with"
+    assert made["ray"] == ray.__version__ and torch.__version__.startswith(made["torch"]) and "sweeps" in made["code"]
     assert any("batch_size 500" in note for note in saved["notes"])  # and in the report
     assert "Comparison (as in report/comparison.md)" in out
     assert (results_dir / "report" / "report.html").is_file()

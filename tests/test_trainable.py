@@ -12,14 +12,24 @@ import numpy as np
 import pytest
 import ray
 import torch
+from conftest import run_cli, trial_results, trial_settings, write_spec
 from ray import tune
 
-from conftest import run_cli, trial_results, trial_settings, write_spec
 from trainables.data import Loader, load_dataset
 from trainables.models import create_model
 from trainables.optim import create_loss, create_optimizer, create_schedule
-from trainables.train import (CHECKPOINT_FILE, EPOCH_METRICS, Trial, assigned_gpus, checkpoint_state, evaluate,
-                              load_checkpoint, pick_device, restore_state, train_sample)
+from trainables.train import (
+    CHECKPOINT_FILE,
+    EPOCH_METRICS,
+    Trial,
+    assigned_gpus,
+    checkpoint_state,
+    evaluate,
+    load_checkpoint,
+    pick_device,
+    restore_state,
+    train_sample,
+)
 
 
 def test_a_gpu_is_used_only_when_ray_assigned_one():

@@ -3,7 +3,6 @@ real browser while the sweep runs, and MLflow against a real tracking server."""
 
 from __future__ import annotations
 
-import json
 import os
 import pty
 import re
@@ -18,7 +17,6 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-
 from conftest import CHROMIUM, REPO, free_port, run_cli, trial_results, write_spec
 
 pytestmark = pytest.mark.slow
