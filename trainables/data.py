@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from functools import partial
 from importlib import resources
 from pathlib import Path
-
 from typing import NamedTuple
 
 import numpy as np

@@ -37,8 +37,14 @@ import torch
 from ray import tune
 
 from trainables.data import Dataset, Loader, stratified_split
-from trainables.metrics import (accuracy, confusion_matrix, expected_calibration_error, per_class_scores, predictions,
-                                weight_l2)
+from trainables.metrics import (
+    accuracy,
+    confusion_matrix,
+    expected_calibration_error,
+    per_class_scores,
+    predictions,
+    weight_l2,
+)
 from trainables.models import create_model
 from trainables.optim import add_l2_penalty_grad, create_loss, create_optimizer, create_schedule
 from trainables.reporting import CHECKPOINT_FILE, current_trial_id, report
