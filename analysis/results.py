@@ -19,7 +19,7 @@ import pandas as pd
 import yaml
 
 from analysis import ResultsError
-from analysis.outcome import epoch_cap, planned_epochs, stopped_early
+from analysis.outcome import epoch_cap, planned_epochs
 
 # Keys Ray Tune adds to every result row; any other number in a row is a metric the trainable reported.
 RAY_KEYS = frozenset({
@@ -161,7 +161,7 @@ def _read_trial(trial_dir: Path, spec: dict):
     elif _failed_for_good(trial_dir, last, spec):
         status = "error"
     elif last.get("done"):
-        status = "stopped" if planned is not None and stopped_early(epochs_run, planned, False) else "completed"
+        status = "stopped" if planned is not None else "completed"  # short of its planned epochs (checked above)
     else:
         status = "running"
     wall = last.get("time_total_s", sum(e.get("epoch_time_s", 0.0) for e in epochs) if epochs else math.nan)
