@@ -61,6 +61,12 @@ def trial_results(results_dir: Path) -> dict[str, list[dict]]:
     return out
 
 
+# Fields of a trial's result row that differ between two runs of the same spec and seed: times, places, ids.
+VOLATILE = {"epoch_time_s", "eval_time_s", "samples_per_s", "time_this_iter_s", "time_total_s", "timestamp", "date",
+            "pid", "time_since_restore", "iterations_since_restore", "trial_id", "experiment_tag",
+            "checkpoint_dir_name", "hostname", "node_ip", "config", "done", "training_iteration", "should_checkpoint"}
+
+
 def trial_settings(spec: dict, flat: dict | None = None) -> dict:
     """The resolved settings a trial of `spec` trains with, dotted `flat` settings (`optim.lr`) laid over them."""
     from sweeps.spec import validate_spec

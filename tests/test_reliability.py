@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, run_cli, trial_results, write_spec
+from conftest import REPO, VOLATILE, run_cli, trial_results, write_spec
 from ray import tune
 
 from analysis import load_results
@@ -22,10 +22,6 @@ from sweeps.schema import PACK_ON_CPU
 from trainables.train import CHECKPOINT_FILE, load_checkpoint
 
 # Fields that differ between two runs of the same trial (timing, process, Tune's own bookkeeping).
-VOLATILE = {"epoch_time_s", "samples_per_s", "time_this_iter_s", "time_total_s", "timestamp", "date", "pid",
-            "time_since_restore", "iterations_since_restore", "trial_id", "experiment_tag", "checkpoint_dir_name",
-            "hostname", "node_ip", "config", "done", "training_iteration", "should_checkpoint"}
-
 
 def reliability_spec(**changes) -> dict:
     """About a second per epoch on 2 cores: slow enough to land a kill between two epochs."""

@@ -10,7 +10,7 @@ import pytest
 import ray
 import torch
 import yaml
-from conftest import run_cli, trial_results, write_spec
+from conftest import VOLATILE, run_cli, trial_results, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -158,12 +158,9 @@ def test_same_spec_and_seed_give_identical_metrics(tmp_path, tiny_spec):
     spec = write_spec(tmp_path, tiny_spec)
     for name in ("first", "second"):
         run_ok("run", str(spec), "--storage", str(tmp_path / "results"), "--name", name)
-    volatile = {"epoch_time_s", "samples_per_s", "time_this_iter_s", "time_total_s", "timestamp", "date", "pid",
-                "time_since_restore", "trial_id", "experiment_tag", "checkpoint_dir_name", "hostname", "node_ip",
-                "config"}
 
     def metrics(name: str) -> dict:
-        return {n.split("_")[0]: [{k: v for k, v in r.items() if k not in volatile} for r in rows]
+        return {n.split("_")[0]: [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
                 for n, rows in trial_results(tmp_path / "results" / name).items()}
 
     assert metrics("first") == metrics("second")
