@@ -283,10 +283,10 @@ def model_input_problem(channels: int, size: int, num_classes: int, model_json: 
 
     model = json.loads(model_json)
     try:
-        with torch.device("meta"):
+        with torch.device("meta"):  # built without initialising its weights
             net = create_model(model.pop("name"), in_channels=channels, num_classes=num_classes, image_size=size,
                                **model)
-            net(torch.empty(2, channels, size, size))
+        try_forward(net, torch.zeros(1, channels, size, size))
     except (RuntimeError, ValueError) as err:
         return str(err).strip().splitlines()[0]
     return None
@@ -307,9 +307,20 @@ def pack_problem(channels: int, size: int, num_classes: int, model_json: str) ->
         nets = [create_model(name, in_channels=channels, num_classes=num_classes, image_size=size, **model)
                 for _ in range(2)]
         problem = unpackable(nets[0])
-        if problem is None:
-            try:
-                PackedModel(nets)(torch.empty(2, 2, channels, size, size))
-            except (RuntimeError, ValueError) as err:
-                problem = str(err).strip().splitlines()[0]
+        packed = PackedModel(nets) if problem is None else None
+    if packed is not None:
+        try:
+            try_forward(packed, torch.zeros(2, 1, channels, size, size))
+        except (RuntimeError, ValueError) as err:
+            problem = str(err).strip().splitlines()[0]
     return problem
+
+
+def try_forward(net, x) -> None:
+    """One forward pass of `net` (built on the meta device) on the CPU, on uninitialised weights: it raises where
+    the shapes do not fit. Not on the meta device itself: its first forward imports 1-2 s of torch's decompositions,
+    which every `sweep validate` and `run` would wait for."""
+    import torch
+
+    with torch.no_grad():
+        net.to_empty(device="cpu").eval()(x)

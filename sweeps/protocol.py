@@ -108,7 +108,8 @@ def run_protocol(spec: Spec, *, storage: str | None = None, address: str | None 
         check_mlflow(spec.run.mlflow)
     warm = None if resume else warm_start(spec)
     dataset = prepare_data(spec)
-    spec.notes = [*spec.notes, *notes_said(spec)] if not resume else spec.notes
+    if not resume:
+        spec = spec.model_copy(update={"notes": [*spec.notes, *notes_said(spec)]})
     start_ray(address, dashboard=dashboard, storage=str(results_dir))
     if not resume:
         write_spec(str(results_dir), spec)

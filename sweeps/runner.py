@@ -224,6 +224,16 @@ def prepare_data(spec: Spec) -> Dataset:
     return dataset
 
 
+def spec_as_run(spec: Spec, data_note: str | None = None) -> Spec:
+    """A copy of `spec` as its results directory records it: with the notes said to the user (and `data_note`)
+    and, for ASHA and HyperBand, the rung ladder's top stated in full. The caller's spec stays as it was."""
+    notes = [*spec.notes, *([data_note] if data_note else []), *notes_said(spec)]
+    scheduler = spec.scheduler
+    if scheduler.name in ("asha", "hyperband") and not scheduler.max_t:
+        scheduler = scheduler.model_copy(update={"max_t": max_epochs(spec)})
+    return spec.model_copy(update={"notes": notes, "scheduler": scheduler})
+
+
 def run_sweep(spec: Spec, *, storage: str | None = None, address: str | None = None,
               dashboard: bool = True, verbose: bool = False) -> str:
     """Run a sweep to the end; returns the results directory. Raises SpecError before starting anything."""
@@ -235,11 +245,7 @@ def run_sweep(spec: Spec, *, storage: str | None = None, address: str | None = N
         check_mlflow(spec.run.mlflow)
     warm = warm_start(spec)
     dataset = prepare_data(spec)
-    if spec.smoke and dataset.note:
-        spec.notes = [*spec.notes, dataset.note]
-    spec.notes = [*spec.notes, *notes_said(spec)]
-    if spec.scheduler.name in ("asha", "hyperband") and not spec.scheduler.max_t:
-        spec.scheduler.max_t = max_epochs(spec)  # the spec as run states the rung ladder in full
+    spec = spec_as_run(spec, dataset.note if spec.smoke else None)
     start_ray(address, dashboard=dashboard, storage=storage)
     write_spec(results_dir, spec)
     trials = count_trials(spec)

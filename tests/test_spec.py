@@ -138,6 +138,17 @@ def test_optuna_gives_every_arm_the_same_budget():
     assert count_trials(spec) == {"a": 4, "b": 4, "c": 4}
 
 
+def test_the_spec_as_run_is_a_copy_and_the_callers_spec_stays_as_it_was():
+    from sweeps.runner import spec_as_run
+
+    spec, _ = load_spec("quickstart")
+    before = spec.model_dump()
+    as_run = spec_as_run(spec, "a note about the data")
+    assert spec.model_dump() == before
+    assert as_run.scheduler.max_t == spec.train.epochs and "a note about the data" in as_run.notes
+    assert as_run.model_copy(update={"notes": spec.notes, "scheduler": spec.scheduler}).model_dump() == before
+
+
 def test_overrides_and_bundled_names(tmp_path):
     spec, path = load_spec("quickstart", flag_overrides(["train.epochs=2", "arms.adam.weight_decay=0.01"]))
     assert path.name == "quickstart.yaml" and spec.train.epochs == 2
@@ -240,8 +251,8 @@ def test_smoke_keeps_every_valid_spec_valid(scheduler):
 def test_the_command_line_answers_help_and_list_without_importing_torch_ray_or_pandas():
     # `sweep --help` and `sweep list` answer at once: torch alone takes seconds to import (the schema looks names up
     # in the trainables' registries only when a spec is validated to run).
-    probe = ("import sys, runpy; sys.argv = ['sweep', *sys.argv[1:]]\n"
-             "try:\n    runpy.run_module('sweeps.cli', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+    probe = ("import sys\nfrom sweeps.cli import main\n"
+             "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
              "print(sorted(m for m in ('torch', 'ray', 'pandas', 'plotly') if m in sys.modules), file=sys.stderr)")
     for args in (["--help"], ["list"]):
         done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120)
