@@ -18,14 +18,9 @@ from analysis.budget import (
     trial_compute_seconds,
     tuning_curves,
 )
-from analysis.figures import (
-    FIGURES,
-    ComparisonInfo,
-    NotApplicable,
-    arm_colours,
-    comparison_plot,
-)
+from analysis.figures import FIGURES, ComparisonInfo, comparison_plot
 from analysis.page import html_table, made_with, page_end, page_start, smoke_tag
+from analysis.plotting import NotApplicable, arm_colours
 from analysis.results import FINISHED, ResultsError, load_results
 from analysis.stats import (
     holm,

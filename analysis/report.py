@@ -25,9 +25,11 @@ from analysis.budget import (
     trial_compute_seconds,
     tuning_curves,
 )
-from analysis.figures import FIGURES, NotApplicable, pbt_copies, report_colours
+from analysis.figures import FIGURES
 from analysis.page import html_table, is_number_text, made_with, page_end, page_start, smoke_tag
+from analysis.plotting import NotApplicable, report_colours
 from analysis.results import STATUSES, Results, ResultsError, _read_spec, load_results
+from analysis.search_figures import pbt_copies
 from analysis.tables import (
     CONCLUSION,
     Comparison,

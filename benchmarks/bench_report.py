@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from results_fixtures import synthetic_sweep  # noqa: E402  (the tests' fixture builder)
 
 from analysis import load_results, write_report  # noqa: E402
-from analysis.figures import FIGURES, NotApplicable, report_colours  # noqa: E402
+from analysis.figures import FIGURES  # noqa: E402
+from analysis.plotting import NotApplicable, report_colours  # noqa: E402
 from analysis.tables import compare, reference_table  # noqa: E402
 
 

@@ -15,17 +15,11 @@ from results_fixtures import curve_rows, spec_for, synthetic_sweep, write_spec, 
 from scipy import stats
 
 from analysis import ResultsError, load_results, write_report
-from analysis.figures import (
-    MAX_POINTS,
-    NotApplicable,
-    _confusion_info,
-    _curves_info,
-    _early_stopping_info,
-    _parallel_info,
-    _sensitivity_info,
-    make_figure,
-)
+from analysis.figures import MAX_POINTS, _confusion_info, _curves_info, make_figure
+from analysis.hyperparameter_figures import _parallel_info, _sensitivity_info
+from analysis.plotting import NotApplicable
 from analysis.results import Results
+from analysis.search_figures import _early_stopping_info
 from analysis.stats import prediction_interval, summarize
 from analysis.tables import ALPHA, compare, conclusion, reference_table
 

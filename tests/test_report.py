@@ -15,14 +15,9 @@ from test_protocol import _protocol_dir
 
 from analysis import load_results, write_report
 from analysis.budget import compute_seconds, time_to_target
-from analysis.figures import (
-    MIN_IMPORTANCE_TRIALS,
-    NotApplicable,
-    _importance_info,
-    arm_colours,
-    make_figure,
-    report_colours,
-)
+from analysis.figures import make_figure
+from analysis.hyperparameter_figures import MIN_IMPORTANCE_TRIALS, _importance_info
+from analysis.plotting import NotApplicable, arm_colours, report_colours
 from analysis.protocol import confirm_info, protocol_tables
 from analysis.tables import compare
 
