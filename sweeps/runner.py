@@ -213,7 +213,7 @@ def prepare_data(spec: Spec) -> Dataset:
     try:
         dataset = load_dataset(d.name, data_dir=d.data_dir, download=d.download, train_subset=d.train_subset,
                                val_split=d.val_split, split_seed=d.split_seed, normalize=d.normalize,
-                               allow_standin=spec.smoke)
+                               eval_subset=d.eval_subset, allow_standin=spec.smoke)
     except DataError as err:
         raise SpecError(f"data: {err}") from None
     if dataset.note:

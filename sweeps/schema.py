@@ -91,6 +91,7 @@ class DataSettings(Strict):
     data_dir: str | None = None                         # torchvision files; default $SWEEP_DATA_DIR or ~/.cache/sweeps/data
     download: bool = False                              # let torchvision download missing files
     train_subset: PositiveInt | None = None             # images each trial trains on (stratified, after val_split)
+    eval_subset: PositiveInt | None = None              # images of the validation and of the test split evaluated (stratified); all if unset
     val_split: float | Literal["test"] = 0.1            # fraction of the source's train split held out, or "test": official test split
     split_seed: int = 0                                 # seeds the data splits; the same for every trial
     resize: PositiveInt | None = None                   # resize to resize x resize pixels, per batch on the device
@@ -176,7 +177,8 @@ class TrainSettings(Strict):
 
 
 # Data settings applied when the dataset is decoded, once per sweep: an arm or the space cannot change them.
-LOADED_ONCE = {f"data.{k}" for k in ("name", "data_dir", "download", "val_split", "split_seed", "normalize")}
+LOADED_ONCE = {f"data.{k}" for k in ("name", "data_dir", "download", "val_split", "split_seed", "normalize",
+                                     "eval_subset")}
 
 SECTIONS: dict[str, type[Strict]] = {
     "data": DataSettings, "model": ModelSettings, "optim": OptimSettings, "train": TrainSettings}

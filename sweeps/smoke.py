@@ -13,6 +13,8 @@ def smoke_spec(spec: Spec) -> Spec:
     raw = spec.model_dump(mode="json", by_alias=True)
     raw["smoke"] = True
     raw["data"]["train_subset"] = min(raw["data"]["train_subset"] or 600, 600)
+    # Evaluation, not training, is most of a small run: 6,000 validation and 10,000 test images against 600 trained on.
+    raw["data"]["eval_subset"] = min(raw["data"]["eval_subset"] or 1000, 1000)
     raw["data"]["batch_size"] = min(max(raw["data"]["batch_size"], 32), 64)  # tiny batches cost a step per few images
     if raw["data"]["resize"]:
         raw["data"]["resize"] = min(raw["data"]["resize"], 64)  # AlexNet's smallest comfortable input
@@ -44,7 +46,7 @@ def smoke_spec(spec: Spec) -> Spec:
     shrink(raw["space"])
     for arm in raw["arms"].values():
         shrink(arm or {})
-    raw["notes"] = [*raw["notes"], "smoke run: training subset <= 600 images, batches of 32-64, <= 3 epochs, a "
-                    "checkpoint at the last epoch only (every epoch under pbt), images <= 64 px, <= 2 values per grid, "
-                    "1 seed, <= 2 samples, 1 CPU and no GPU per trial"]
+    raw["notes"] = [*raw["notes"], "smoke run: training subset <= 600 images, validation and test <= 1,000 each, "
+                    "batches of 32-64, <= 3 epochs, a checkpoint at the last epoch only (every epoch under pbt), images "
+                    "<= 64 px, <= 2 values per grid, 1 seed, <= 2 samples, 1 CPU and no GPU per trial"]
     return validate_spec(raw, f"{spec.name} (smoke)")

@@ -103,6 +103,7 @@ def test_smoke_keeps_every_arm_and_fits_a_laptop(name):
     smoke = smoke_spec(spec)
     assert list(smoke.arm_settings()) == list(spec.arm_settings())
     assert smoke.resources.gpu == 0 and smoke.resources.cpu <= 1 and smoke.data.train_subset <= 600
+    assert smoke.data.eval_subset <= 1000
     for settings in smoke.arm_settings().values():  # seed 003's arms train on their own subsets
         assert settings.get("data.train_subset", 0) <= smoke.data.train_subset
 
@@ -159,7 +160,7 @@ def test_bundled_spec_runs_with_smoke(name, ray_runtime, tmp_path, capfd):
         assert all({"ece", "gen_gap", "weight_l2"} <= row.keys() for row in rows)
     for last in finished:  # ... and at the end: the confusion matrix and the classification report
         classes = len(last["classes"])
-        assert len(last["confusion_matrix"]) == classes
+        assert len(last["confusion_matrix"]) == classes and sum(last["class_support"]) <= 1000
         assert all(len(last[f"class_{k}"]) == classes for k in ("precision", "recall", "f1", "support"))
 
 

@@ -53,6 +53,16 @@ def test_train_subset_is_stratified_and_test_can_serve_as_validation():
     assert not _rows(data.train_x) & _rows(data.val_x)
 
 
+def test_eval_subset_draws_validation_and_test_stratified_from_the_same_splits():
+    full, small = load_dataset("mnist5k"), load_dataset("mnist5k", eval_subset=200)
+    assert len(small.val_y) == len(small.test_y) == 200 and np.array_equal(small.train_x, full.train_x)
+    assert np.bincount(small.val_y).tolist() == np.bincount(small.test_y).tolist() == [20] * 10
+    val_rows = {row.tobytes() for row in full.val_x}
+    assert all(row.tobytes() in val_rows for row in small.val_x), "a subset of the validation split, no other image"
+    assert np.array_equal(load_dataset("mnist5k", eval_subset=200).val_x, small.val_x), "the same for every trial"
+    assert len(load_dataset("mnist5k", eval_subset=10**6).val_y) == len(full.val_y), "at most all of them"
+
+
 def test_train_subset_counts_training_images_and_leaves_validation_alone():
     # One meaning everywhere (data section and arms): the number of images trials train on, drawn after
     # the validation split, which stays the same whatever the subset.

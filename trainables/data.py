@@ -154,13 +154,15 @@ def split_sizes(name: str, *, val_split: float | str) -> tuple[int, int]:
 
 def load_dataset(name: str, *, data_dir: str | None = None, download: bool = False,
                  train_subset: int | None = None, val_split: float | str = 0.1,
-                 split_seed: int = 0, normalize: str = "channel",
+                 split_seed: int = 0, normalize: str = "channel", eval_subset: int | None = None,
                  allow_standin: bool = False) -> Dataset:
     """Load `name`, carve stratified splits with `split_seed`, and fit `normalize` on the training split.
 
     val_split: a fraction in (0, 1) of the source's training split, or "test" to validate on the test split.
     train_subset: how many of the remaining training images to keep (stratified): the number of images
         trials train on. Validation is carved first, so it is the same whatever the subset.
+    eval_subset: how many images of the validation and of the test split to keep (stratified, at most all): a
+        smaller, noisier, faster evaluation (`--smoke` keeps 1,000).
     allow_standin: when a torchvision dataset's files are missing, use a synthetic stand-in of the same shape.
     """
     if name not in DATASETS:
@@ -200,6 +202,12 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Fal
                             f"({len(train_y)} images after the validation split)")
         _, subset = stratified_split(train_y, train_subset, split_seed, f"{name}: train_subset={train_subset}")
         train_x, train_y = train_x[subset], train_y[subset]
+    if eval_subset is not None and eval_subset < len(val_y):
+        _, subset = stratified_split(val_y, eval_subset, split_seed, f"{name}: eval_subset={eval_subset}")
+        val_x, val_y = val_x[subset], val_y[subset]
+    if eval_subset is not None and test_y is not None and eval_subset < len(test_y):
+        _, subset = stratified_split(test_y, eval_subset, split_seed, f"{name}: eval_subset={eval_subset}")
+        test_x, test_y = test_x[subset], test_y[subset]
 
     mean, std = _fit_normalization(train_x, normalize)
     return Dataset(name=name, train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y, test_x=test_x,
