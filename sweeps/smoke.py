@@ -46,7 +46,8 @@ def smoke_spec(spec: Spec) -> Spec:
     shrink(raw["space"])
     for arm in raw["arms"].values():
         shrink(arm or {})
-    raw["notes"] = [*raw["notes"], "smoke run: training subset <= 600 images, validation and test <= 1,000 each, "
-                    "batches of 32-64, <= 3 epochs, a checkpoint at the last epoch only (every epoch under pbt), images "
-                    "<= 64 px, <= 2 values per grid, 1 seed, <= 2 samples, 1 CPU and no GPU per trial"]
+    raw["notes"] = [*raw["notes"], ("smoke run: training subset <= 600 images, validation and test <= 1,000 each, "
+                                    "batches of 32-64, <= 3 epochs, a checkpoint at the last epoch only (every epoch "
+                                    "under pbt), images <= 64 px, <= 2 values per grid, 1 seed, <= 2 samples, 1 CPU "
+                                    "and no GPU per trial")]
     return validate_spec(raw, f"{spec.name} (smoke)")
