@@ -10,7 +10,7 @@ checkpoint every epoch (the defaults). A variant sets `pack`, `cpu` and `gpu` (p
 for 1/K each), `amp` (none, bf16, fp16) and `channels_last` (true/false). Columns:
 - wall: `sweep run` from start to exit, the number a user waits for (wall ratio: the first variant's over this);
 - start: until the first epoch was reported (Ray, the trial actors, the data);
-- train: from the first epoch reported to the last, watched from here every 0.1 s;
+- train: from the first epoch reported to the last, by the rows' own timestamps (whole seconds);
 - epochs/s: trial-epochs per second of `train`; ratio: against the first variant of the same net.
 
 Trials without a GPU pack here although `sweep run` would not pack them (sweeps.schema.PACK_ON_CPU): measuring that
@@ -79,30 +79,23 @@ def reported(results: Path) -> list[dict]:
 
 
 def run(net: str, variant: dict, args, folder: Path) -> dict:
-    """One `sweep run`, watched from here: its wall time, and when its first and last epochs were reported."""
+    """One `sweep run`: its wall time, and when its first and last epochs were reported. From the rows' own
+    `timestamp` (whole seconds, when the trial reported): the results directory's files arrive later, as Tune
+    syncs them from the driver's staging folder."""
     spec = folder / "spec.yaml"
     spec.write_text(yaml.safe_dump(sweep_spec(net, variant, args), sort_keys=False))
-    start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(spec), "--storage", str(folder),
-                                "--no-dashboard"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True, env={**os.environ, PACK_ON_CPU: "1"})
-    first = last = None
-    count = 0
-    while process.poll() is None:
-        now, before = time.perf_counter(), count
-        count = len(reported(folder / "bench"))
-        if count and first is None:
-            first = now
-        if count > before:
-            last = now
-        time.sleep(0.1)
-    wall = time.perf_counter() - start
-    if process.returncode:
-        sys.exit(f"{net} {label(variant)}: sweep run failed\n{process.stderr.read()[-3000:]}")
+    start = time.time()
+    done = subprocess.run([sys.executable, "-m", "sweeps.cli", "run", str(spec), "--storage", str(folder),
+                           "--no-dashboard"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True, env={**os.environ, PACK_ON_CPU: "1"}, check=False)
+    wall = time.time() - start
+    if done.returncode:
+        sys.exit(f"{net} {label(variant)}: sweep run failed\n{done.stderr[-3000:]}")
     rows = reported(folder / "bench")
-    train = last - first
+    first, last = min(r["timestamp"] for r in rows), max(r["timestamp"] for r in rows)
+    train = last - first + 1  # whole seconds: the first epoch's second counts
     return {"net": net, "variant": label(variant), "wall_s": wall, "start_s": first - start, "train_s": train,
-            "epochs_per_s": (len(rows) - 1) / train if train > 0 else float("nan")}
+            "epochs_per_s": len(rows) / train}
 
 
 def main() -> None:
