@@ -317,10 +317,14 @@ def pack_problem(channels: int, size: int, num_classes: int, model_json: str) ->
 
 
 def try_forward(net, x) -> None:
-    """One forward pass of `net` (built on the meta device) on the CPU, on uninitialised weights: it raises where
-    the shapes do not fit. Not on the meta device itself: its first forward imports 1-2 s of torch's decompositions,
-    which every `sweep validate` and `run` would wait for."""
+    """One forward pass of `net` (built on the meta device): it raises where the shapes do not fit. On the CPU, on
+    uninitialised weights, where they fit in 256 MB: the meta device's first forward imports 1-2 s of torch's
+    decompositions, which every `sweep validate` and `run` would wait for. A bigger model (one meant for a cluster's
+    GPUs) stays on the meta device: this machine need not hold it."""
     import torch
 
     with torch.no_grad():
-        net.to_empty(device="cpu").eval()(x)
+        if sum(t.numel() * t.element_size() for t in [*net.parameters(), *net.buffers()]) > 256 * 2**20:
+            net.eval()(x.to("meta"))
+        else:
+            net.to_empty(device="cpu").eval()(x)
