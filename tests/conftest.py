@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -16,6 +17,9 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# The short console's one line about how a trial ended (`sweep run` without --verbose).
+TRIAL_LINE = re.compile(r"^\[sweep\] \w+_\w+_\d{5}: (completed \d+ epochs?|stopped early after \d+ epochs?|diverged at "
+                        r"epoch \d+|failed; traceback in \S+)")
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's, installed by .ci/run
 
 
@@ -75,9 +79,8 @@ def trial_settings(spec: dict, flat: dict | None = None) -> dict:
     return apply_settings(validate_spec(spec, "test").base_settings(), flat or {})
 
 
-@pytest.fixture
-def tiny_spec() -> dict:
-    """A spec that trains in about a second per trial on the embedded data."""
+def tiny() -> dict:
+    """A spec that trains in about a second per trial on the embedded data (for module-scoped fixtures)."""
     return {
         "name": "tiny",
         "data": {"name": "mnist5k", "train_subset": 400, "batch_size": 50},
@@ -85,6 +88,12 @@ def tiny_spec() -> dict:
         "train": {"epochs": 2},
         "arms": {"sgd": {"optimizer": "sgd", "lr": 0.1}, "adam": {"optimizer": "adam", "lr": 0.003}},
     }
+
+
+@pytest.fixture
+def tiny_spec() -> dict:
+    """A spec that trains in about a second per trial on the embedded data."""
+    return tiny()
 
 
 def free_port() -> int:

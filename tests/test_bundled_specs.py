@@ -148,6 +148,7 @@ def test_bundled_spec_runs_with_smoke(name, ray_runtime, tmp_path, capfd):
     results = tmp_path / spec.name
     saved = yaml.safe_load((results / "spec.yaml").read_text())
     assert saved["smoke"] is True and (results / "report" / "report.html").is_file()
+    assert any(note.startswith("smoke run: ") for note in saved["notes"])  # what --smoke shrank, said with the results
     for note in saved["notes"]:  # a stand-in for missing dataset files is said in the output and in the saved spec
         assert "stand-in" not in note or note in output
     assert any("stand-in" in note for note in saved["notes"]) == ("stand-in" in output)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
 import ray
 import torch
 import yaml
-from conftest import VOLATILE, run_cli, trial_results, write_spec
+from conftest import TRIAL_LINE, VOLATILE, run_cli, tiny, trial_results, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -24,12 +25,26 @@ def run_ok(*args: str) -> str:
     return done.stdout + done.stderr
 
 
-def test_grid_sweep_reports_every_metric_every_epoch(tmp_path, tiny_spec):
-    tiny_spec["space"] = {"seed": {"grid": [0, 1]}}
-    tiny_spec["arms"]["adam"]["batch_size"] = 500  # more than the 400 training images: said, not silently clamped
-    out = run_ok("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path / "results"))
+@pytest.fixture(scope="module")
+def grid_twice(tmp_path_factory) -> tuple[Path, dict, dict]:
+    """One grid spec run twice with the same seeds, the second time as `second` with --verbose: the results folder,
+    the spec, and each run's finished process."""
+    folder, spec = tmp_path_factory.mktemp("grid"), tiny()
+    spec["space"] = {"seed": {"grid": [0, 1]}}
+    spec["arms"]["adam"]["batch_size"] = 500  # more than the 400 training images: said, not silently clamped
+    spec["data"]["augment"] = {"crop_padding": 2, "hflip": True}  # randomness in the data path too
+    path, storage = write_spec(folder, spec), str(folder / "results")
+    done = {"first": run_cli("run", str(path), "--storage", storage, "--no-dashboard"),
+            "second": run_cli("run", str(path), "--storage", storage, "--no-dashboard", "--name", "second", "--verbose")}
+    return folder / "results", spec, done
+
+
+def test_grid_sweep_reports_every_metric_every_epoch(grid_twice):
+    results, spec, done = grid_twice
+    assert done["first"].returncode == 0, done["first"].stderr[-3000:]
+    out = done["first"].stdout + done["first"].stderr
     assert "note: arms.adam: batch_size 500 is larger than the 400 training images, so each epoch is one batch" in out
-    results_dir = tmp_path / "results" / "tiny"
+    results_dir = results / "tiny"
     trials = trial_results(results_dir)
     assert len(trials) == 4  # 2 arms x 2 seeds
     for name, rows in trials.items():
@@ -46,12 +61,32 @@ def test_grid_sweep_reports_every_metric_every_epoch(tmp_path, tiny_spec):
         assert sum(matrix[i][i] for i in range(10)) / 400 == pytest.approx(last["val_acc"])
         assert list(results_dir.joinpath(name).glob("checkpoint_*")), "the last epoch is checkpointed"
     saved = yaml.safe_load((results_dir / "spec.yaml").read_text())
-    assert saved["name"] == "tiny" and saved["train"]["epochs"] == 2 and saved["space"] == tiny_spec["space"]
+    assert saved["name"] == "tiny" and saved["train"]["epochs"] == 2 and saved["space"] == spec["space"]
     made = json.loads((results_dir / "versions.json").read_text())  # and the report's "Made with"
     assert made["ray"] == ray.__version__ and torch.__version__.startswith(made["torch"]) and "sweeps" in made["code"]
     assert any("batch_size 500" in note for note in saved["notes"])  # and in the report
     assert "Comparison (as in report/comparison.md)" in out
     assert (results_dir / "report" / "report.html").is_file()
+
+
+def test_same_spec_and_seed_give_identical_metrics(grid_twice):
+    results, _, done = grid_twice  # the second run with --verbose: how much it prints changes nothing it learns
+    assert done["first"].returncode == 0 and done["second"].returncode == 0, done["second"].stderr[-3000:]
+
+    def metrics(name: str) -> dict:  # (arm, seed) -> its rows
+        return {(rows[0]["config"]["arm"]["name"], rows[0]["config"]["train.seed"]):
+                [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
+                for rows in trial_results(results / name).values()}
+
+    assert len(metrics("tiny")) == 4 and metrics("tiny") == metrics("second")
+
+
+def test_verbose_brings_back_tunes_tables(grid_twice):
+    _, _, done = grid_twice
+    second = done["second"]
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Trial status:" in second.stdout
+    assert not any(TRIAL_LINE.match(line) for line in second.stderr.splitlines())
 
 
 def test_random_search_trains_each_drawn_configuration_with_every_seed(tmp_path, tiny_spec):
@@ -69,51 +104,34 @@ def test_random_search_trains_each_drawn_configuration_with_every_seed(tmp_path,
     assert (comparison["n_seeds"] == 2).all() and (comparison["n_configs"] == 2).all()
 
 
-def test_existing_results_dir_is_refused_untouched(tmp_path, tiny_spec):
-    spec = write_spec(tmp_path, tiny_spec)
-    results_dir = tmp_path / "results" / "tiny"
-    results_dir.mkdir(parents=True)
-    (results_dir / "keep.txt").write_text("earlier work")
-    done = run_cli("run", str(spec), "--storage", str(tmp_path / "results"), "--no-dashboard")
-    assert done.returncode == 2 and "already exists" in done.stderr and "sweep resume" in done.stderr
-    assert [p.name for p in results_dir.iterdir()] == ["keep.txt"]
-
-
-def test_unreachable_address_exits_2_before_anything_starts(tmp_path, tiny_spec):
-    spec = write_spec(tmp_path, tiny_spec)
-    done = run_cli("run", str(spec), "--storage", str(tmp_path / "results"), "--address", "127.0.0.1:1")
-    assert done.returncode == 2 and "--address 127.0.0.1:1: cannot reach" in done.stderr
-    assert not (tmp_path / "results" / "tiny").exists()
-
-
-def test_missing_data_dir_exits_2_naming_it(tmp_path, tiny_spec):
-    tiny_spec["data"] = {"name": "cifar10", "data_dir": str(tmp_path / "nowhere")}
-    done = run_cli("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path / "results"))
-    assert done.returncode == 2 and str(tmp_path / "nowhere") in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "results" / "tiny").exists()
-
-
-def test_asha_stops_a_hopeless_configuration_within_its_arm_and_spares_a_lone_arm(tmp_path, tiny_spec):
+@pytest.fixture(scope="module")
+def asha_run(tmp_path_factory) -> tuple[Path, str]:
+    """An ASHA sweep of two arms, one trial at a time: its results folder and its console output."""
     # One trial at a time in grid order (adam good s0, adam hopeless s0, sgd s0, adam good s1, ...), so whenever
     # the hopeless learning rate (1e-7: it cannot learn in 4 epochs) reaches a rung, a good result of its own arm
     # is already recorded there and ASHA cuts it, however loaded the machine is. The sgd arm is judged against
     # itself only: its first trial at each rung goes on, so it ends with a trial trained to the end.
-    tiny_spec.update(
+    folder, spec = tmp_path_factory.mktemp("asha"), tiny()
+    spec.update(
         train={"epochs": 4},
         arms={"adam": {"optimizer": "adam", "lr": {"grid": [0.003, 1.0e-7]}}, "sgd": {"optimizer": "sgd", "lr": 0.05}},
         space={"seed": {"grid": [0, 1, 2]}},
         search={"max_concurrent": 1},
         scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2},
     )
-    out = run_ok("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path / "results"))
-    trials = trial_results(tmp_path / "results" / "tiny")
+    out = run_ok("run", str(write_spec(folder, spec)), "--storage", str(folder / "results"))
+    return folder / "results" / "tiny", out
+
+
+def test_asha_stops_a_hopeless_configuration_within_its_arm_and_spares_a_lone_arm(asha_run):
+    results_dir, out = asha_run
+    trials = trial_results(results_dir)
     epochs = {(rows[0]["config"]["arm"]["name"], rows[0]["config"]["arm"]["optim.lr"]): [] for rows in trials.values()}
     for rows in trials.values():
         epochs[rows[0]["config"]["arm"]["name"], rows[0]["config"]["arm"]["optim.lr"]].append(rows[-1]["epoch"])
     # The console names the winners comparison.md names, judged on trials that ran to the end, not on the
     # hopeless configuration's epoch-1 scores.
-    comparison = pd.read_csv(tmp_path / "results" / "tiny" / "report" / "comparison.csv")
+    comparison = pd.read_csv(results_dir / "report" / "comparison.csv")
     printed = out[out.index("Comparison (as in report/comparison.md)"):].splitlines()[2:4]
     assert [line.split()[:2] for line in printed] == [[str(r), a] for r, a in zip(comparison["rank"], comparison["arm"])]
     assert sorted(comparison["arm"]) == ["adam", "sgd"]
@@ -121,6 +139,33 @@ def test_asha_stops_a_hopeless_configuration_within_its_arm_and_spares_a_lone_ar
     assert all(len(e) == 3 for e in epochs.values()), epochs
     assert max(epochs["adam", 1.0e-7]) < 4, f"ASHA should have stopped the hopeless configuration early: {epochs}"
     assert max(epochs["adam", 0.003]) == 4 and max(epochs["sgd", 0.05]) == 4, epochs
+
+
+def journal_trials(results_dir: Path) -> dict[str, list[optuna.trial.FrozenTrial]]:
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(results_dir / "optuna.log")))
+    return {s.study_name: storage.get_all_trials(storage.get_study_id_from_name(s.study_name))
+            for s in storage.get_all_studies()}
+
+
+def test_the_journal_holds_every_trial_of_every_arm_as_it_ran(asha_run):
+    # ASHA stopped the hopeless learning rate of the adam arm: pruned in Optuna's words. (A failed trial is failed
+    # in Optuna's words: see test_a_sweep_whose_every_trial_fails_exits_1_saying_where_to_look.)
+    results_dir, _ = asha_run
+    studies, rows = journal_trials(results_dir), trial_results(results_dir)
+    assert sorted(studies) == ["adam", "sgd"] and len(studies["adam"]) == 6 and len(studies["sgd"]) == 3
+    for arm, trials in studies.items():
+        for trial in trials:
+            tune_rows = next(r for name, r in rows.items() if name.endswith(trial.user_attrs["tune_trial_id"]))
+            assert trial.intermediate_values == {r["epoch"]: r["val_acc"] for r in tune_rows}
+            assert set(trial.params) == ({"optim.lr", "train.seed"} if arm == "adam" else {"train.seed"})
+            if tune_rows[-1]["epoch"] == 4:  # ran to the end
+                assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == tune_rows[-1]["val_acc"]
+            else:  # ASHA stopped it
+                assert trial.state == optuna.trial.TrialState.PRUNED and trial.value is None
+    states = {lr: {t.state for t in studies["adam"] if t.params["optim.lr"] == lr} for lr in (0.003, 1.0e-7)}
+    assert optuna.trial.TrialState.COMPLETE in states[0.003] and states[1.0e-7] == {optuna.trial.TrialState.PRUNED}
+    first_sgd = min(studies["sgd"], key=lambda t: t.number)  # the first at each rung of its arm: nothing to stop it
+    assert first_sgd.state == optuna.trial.TrialState.COMPLETE
 
 
 def test_optuna_sweep_gives_each_arm_its_budget_within_its_range(tmp_path, tiny_spec):
@@ -151,19 +196,9 @@ def test_a_sweep_whose_every_trial_fails_exits_1_saying_where_to_look(tmp_path, 
     assert error_file.name == "error.txt" and error_file.is_file() and "allocate" in error_file.read_text()
     # The short console leaves Tune's error reports alone: the traceback prints in full.
     assert "Traceback (most recent call last):" in done.stderr and "can't allocate memory" in done.stderr
-
-
-def test_same_spec_and_seed_give_identical_metrics(tmp_path, tiny_spec):
-    tiny_spec["data"]["augment"] = {"crop_padding": 2, "hflip": True}  # randomness in the data path too
-    spec = write_spec(tmp_path, tiny_spec)
-    for name in ("first", "second"):
-        run_ok("run", str(spec), "--storage", str(tmp_path / "results"), "--name", name)
-
-    def metrics(name: str) -> dict:
-        return {n.split("_")[0]: [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
-                for n, rows in trial_results(tmp_path / "results" / name).items()}
-
-    assert metrics("first") == metrics("second")
+    # The Optuna journal records each as failed, with no intermediate values.
+    trials = [t for study in journal_trials(tmp_path / "tiny").values() for t in study]
+    assert len(trials) == 2 and all(t.state == optuna.trial.TrialState.FAIL and not t.intermediate_values for t in trials)
 
 
 def test_report_cadence_skips_rows_not_results(tmp_path, tiny_spec):
@@ -188,12 +223,3 @@ def test_report_cadence_skips_rows_not_results(tmp_path, tiny_spec):
     assert saved == [4, 5]  # checkpoint_every 4, and the last epoch
     trials = pd.read_csv(results_dir / "report" / "trials.csv").set_index("arm")
     assert trials.loc["sparse", "epochs_run"] == 5 and trials.loc["sparse", "status"] == "completed"
-
-
-def test_smoke_quickstart_runs_on_the_embedded_data(tmp_path):
-    out = run_ok("run", "quickstart", "--smoke", "--storage", str(tmp_path))
-    trials = trial_results(tmp_path / "quickstart")
-    assert len(trials) == 10  # 5 arms x 2 samples under --smoke
-    assert "Comparison (as in report/comparison.md)" in out
-    saved = yaml.safe_load((tmp_path / "quickstart" / "spec.yaml").read_text())
-    assert saved["smoke"] is True and saved["notes"]

@@ -1,5 +1,6 @@
-"""Watching a sweep: the console in a pipe and on a terminal, the Optuna journal and optuna-dashboard in a
-real browser while the sweep runs, and MLflow against a real tracking server."""
+"""Watching a sweep: the console in a pipe and on a terminal, optuna-dashboard on the Optuna journal in a real
+browser while the sweep runs, and MLflow against a real tracking server. (What the journal holds, and Tune's
+tables under --verbose, are checked on runs of tests/test_sweep_run.py.)"""
 
 from __future__ import annotations
 
@@ -14,15 +15,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-import optuna
 import pandas as pd
 import pytest
-from conftest import CHROMIUM, REPO, free_port, run_cli, trial_results, write_spec
+from conftest import CHROMIUM, REPO, TRIAL_LINE, free_port, run_cli, trial_results, write_spec
+
+from sweeps.cli import main
 
 pytestmark = pytest.mark.slow
-
-TRIAL_LINE = re.compile(r"^\[sweep\] \w+_\w+_\d{5}: (completed \d+ epochs?|stopped early after \d+ epochs?|diverged at "
-                        r"epoch \d+|failed; traceback in \S+)")
 
 
 def wait_for(condition, timeout: float = 300, every: float = 0.1):
@@ -46,10 +45,19 @@ def stop(process: subprocess.Popen) -> None:
 # --- the console -------------------------------------------------------------------------------------------
 
 def test_the_quickstart_in_a_pipe_is_short_and_says_how_each_trial_ended(tmp_path):
-    done = run_cli("run", "quickstart", "--storage", str(tmp_path), "--no-dashboard")
+    done = run_cli("run", "quickstart", "--storage", str(tmp_path), "--no-dashboard",
+                   env={"COLUMNS": ""})  # a pipe: no terminal to take the width from
     assert done.returncode == 0, done.stderr[-3000:]
-    lines = (done.stdout + done.stderr).splitlines()
+    said = done.stdout + done.stderr
+    lines = said.splitlines()
     assert len(lines) < 150, "\n".join(lines)
+    # Every run printed Ray's token-auth notice, Tune's configuration box and a TensorBoard command into a
+    # temporary /tmp/ray/session_... folder; the comparison at the end was 230 characters wide.
+    for notice in ("Token authentication is enabled", "Configuration for experiment", "View detailed results here",
+                   "tensorboard --logdir", "/tmp/ray/session_"):
+        assert notice not in said, notice
+    summary = done.stdout[done.stdout.index("Comparison (as in report/comparison.md):"):].splitlines()
+    assert max(map(len, summary)) <= 100, "\n".join(summary)
     plan = [line for line in done.stderr.splitlines() if line.startswith("[sweep] quickstart: 20 trials (")]
     assert len(plan) == 1 and f"results in {tmp_path / 'quickstart'}" in plan[0]  # the plan, one line
     ended = [line for line in done.stderr.splitlines() if TRIAL_LINE.match(line)]
@@ -64,31 +72,6 @@ def test_the_quickstart_in_a_pipe_is_short_and_says_how_each_trial_ended(tmp_pat
     assert (comparison["n_seeds"] == 1).all() and (comparison["epochs_trained"] >= 9).all()
     # The first run says in one sentence what it can and cannot conclude, and which command would.
     assert "Conclusion: one seed per configuration cannot separate the arms" in done.stdout
-
-
-def test_a_run_in_a_pipe_shows_no_notices_of_ray_or_tune_and_fits_100_columns(tmp_path, tiny_spec):
-    # Every run printed Ray's token-auth notice, Tune's configuration box and a TensorBoard command into a
-    # temporary /tmp/ray/session_... folder; the comparison at the end was 230 characters wide.
-    tiny_spec["train"]["epochs"] = 1
-    done = run_cli("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path), "--no-dashboard",
-                   env={"COLUMNS": ""})  # a pipe: no terminal to take the width from
-    assert done.returncode == 0, done.stderr[-3000:]
-    said = done.stdout + done.stderr
-    for notice in ("Token authentication is enabled", "Configuration for experiment", "View detailed results here",
-                   "tensorboard --logdir", "/tmp/ray/session_"):
-        assert notice not in said, notice
-    summary = done.stdout[done.stdout.index("Comparison (as in report/comparison.md):"):].splitlines()
-    assert max(map(len, summary)) <= 100, "\n".join(summary)
-    assert len(said.splitlines()) < 25, said
-
-
-def test_verbose_brings_back_tunes_tables(tmp_path, tiny_spec):
-    tiny_spec["train"]["epochs"] = 1
-    done = run_cli("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path), "--no-dashboard",
-                   "--verbose")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "Trial status:" in done.stdout
-    assert not any(TRIAL_LINE.match(line) for line in done.stderr.splitlines())
 
 
 def test_a_terminal_gets_a_live_table(tmp_path, tiny_spec):
@@ -111,42 +94,7 @@ def test_a_terminal_gets_a_live_table(tmp_path, tiny_spec):
     assert "┃ arm" in text and "best val_acc" in text and "tiny: 2 of 2 trials done" in text
 
 
-# --- the Optuna journal and the dashboard ------------------------------------------------------------------
-
-def journal_trials(results_dir: Path) -> dict[str, list[optuna.trial.FrozenTrial]]:
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(results_dir / "optuna.log")))
-    return {s.study_name: storage.get_all_trials(storage.get_study_id_from_name(s.study_name))
-            for s in storage.get_all_studies()}
-
-
-def test_the_journal_holds_every_trial_of_every_arm_as_it_ran(tmp_path, tiny_spec):
-    # ASHA stops the hopeless learning rate of the adam arm (one trial at a time, a good one first): pruned in
-    # Optuna's words. The broken arm's trial fails (4 TB of weights): failed in Optuna's words.
-    tiny_spec.update(train={"epochs": 3}, search={"max_concurrent": 1}, run={"max_failures": 0},
-                     arms={"good": {"optimizer": "adam", "lr": {"grid": [0.003, 1.0e-7]}},
-                           "sgd": {"optimizer": "sgd", "lr": 0.1},
-                           "broken": {"optimizer": "sgd", "hidden_sizes": [1, 10**12]}},
-                     scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2}, space={"seed": {"grid": [0]}})
-    done = run_cli("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path), "--no-dashboard")
-    assert done.returncode == 0, done.stderr[-3000:]
-    studies, rows = journal_trials(tmp_path / "tiny"), trial_results(tmp_path / "tiny")
-    assert sorted(studies) == ["broken", "good", "sgd"] and len(studies["good"]) == 2
-    [broken] = studies.pop("broken")
-    assert broken.state == optuna.trial.TrialState.FAIL and not broken.intermediate_values
-    assert len(studies["sgd"]) == 1
-    for arm, trials in studies.items():
-        for trial in trials:
-            tune_rows = next(r for name, r in rows.items() if name.endswith(trial.user_attrs["tune_trial_id"]))
-            assert trial.intermediate_values == {r["epoch"]: r["val_acc"] for r in tune_rows}
-            assert set(trial.params) == ({"optim.lr", "train.seed"} if arm == "good" else {"train.seed"})
-            if tune_rows[-1]["epoch"] == 3:  # ran to the end
-                assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == tune_rows[-1]["val_acc"]
-            else:  # ASHA stopped it
-                assert trial.state == optuna.trial.TrialState.PRUNED and trial.value is None
-    assert {t.params["optim.lr"]: t.state for t in studies["good"]} == {
-        0.003: optuna.trial.TrialState.COMPLETE, 1.0e-7: optuna.trial.TrialState.PRUNED}
-    assert studies["sgd"][0].state == optuna.trial.TrialState.COMPLETE  # alone in its arm: nothing to stop it
-
+# --- the dashboard on the Optuna journal ------------------------------------------------------------------
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is not installed")
 def test_the_dashboard_shows_a_running_sweep_in_a_browser(tmp_path, chromium):
@@ -196,18 +144,17 @@ def _answers(url: str) -> bool:
         return False
 
 
-def test_the_dashboard_refuses_a_port_in_use(tmp_path, tiny_spec):
-    (tmp_path / "old").mkdir()
-    write_spec(tmp_path / "old", tiny_spec)
-    done = run_cli("dashboard", str(tmp_path / "old"))
-    assert done.returncode == 2 and "no optuna.log" in done.stderr
-    (tmp_path / "old" / "optuna.log").write_text("")
+def test_the_dashboard_refuses_a_port_in_use(tmp_path, tiny_spec, capsys):
+    # A refusal needs no process of its own: `sweep`'s entry point in this process (as tests/test_bad_inputs.py,
+    # which also has the sweep without a journal).
+    write_spec(tmp_path, tiny_spec)
+    (tmp_path / "optuna.log").write_text("")
     with __import__("socket").socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        done = run_cli("dashboard", str(tmp_path / "old"), "--port", str(port))
-    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        status = main(["dashboard", str(tmp_path), "--port", str(port)])
+    assert status == 2 and capsys.readouterr().err.strip().splitlines() == [
         f"sweep: error: --port {port}: cannot listen on 127.0.0.1:{port} (Address already in use); "
         "choose another with --port"]
 
@@ -226,8 +173,9 @@ def mlflow_server(tmp_path_factory):
     try:
         wait_for(lambda: _answers(f"{uri}/health"), timeout=120, every=0.5)
         yield uri
-    finally:
-        stop(process)
+    finally:  # killed, not stopped: it took 20 s to shut down gracefully, and nothing of it is kept
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def test_every_trial_is_an_mlflow_run_with_its_settings_metrics_and_status(tmp_path, tiny_spec, mlflow_server):
