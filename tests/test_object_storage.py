@@ -11,52 +11,75 @@ import sys
 import time
 
 import pytest
+import ray
 from conftest import REPO, S3_CREDENTIALS, run_cli, s3_objects, start_moto, trial_results, write_spec
+
+from sweeps.cli import main
 
 
 def listing(env: dict, prefix: str) -> list[str]:
     return s3_objects(env["AWS_ENDPOINT_URL"], prefix)
 
 
+def sweep(argv: list[str], env: dict, monkeypatch, capsys) -> tuple[int, str]:
+    """The `sweep` entry point in this process with `env` set; returns (exit status, stderr). (A real process's
+    exit status and stderr: tests/test_bad_inputs.py.)"""
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray started: the object store is checked before anything starts")
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(ray, "init", refuse)
+    status = main(argv)
+    return status, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("verb", ["run", "resume"])
-def test_a_bucket_that_does_not_exist_is_refused_before_anything_starts(tmp_path, tiny_spec, s3, verb):
+def test_a_bucket_that_does_not_exist_is_refused_before_anything_starts(tmp_path, tiny_spec, s3, verb, monkeypatch,
+                                                                         capsys):
     args = [str(write_spec(tmp_path, tiny_spec)), "--storage", "s3://nowhere/sweeps"] if verb == "run" else \
         ["s3://nowhere/sweeps/tiny"]
-    done = run_cli(verb, *args, env=s3)
+    status, err = sweep([verb, *args], s3, monkeypatch, capsys)
     flag = "--storage s3://nowhere/sweeps" if verb == "run" else "resume s3://nowhere/sweeps/tiny"
-    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+    assert status == 2 and err.strip().splitlines() == [
         f"sweep: error: {flag}: bucket nowhere does not exist; create it first"]
     assert listing(s3, "nowhere") == [] and listing(s3, "sweeps") == []  # no bucket made, nothing written
 
 
-@pytest.mark.parametrize("verb", ["run", "resume"])
-def test_refused_credentials_are_said_before_anything_starts(tmp_path, tiny_spec, verb):
-    # moto checks credentials when asked to (INITIAL_NO_AUTH_ACTION_COUNT=0): these keys belong to nobody.
-    process, endpoint = start_moto(tmp_path, INITIAL_NO_AUTH_ACTION_COUNT="0")
-    args = [str(write_spec(tmp_path, tiny_spec)), "--storage", "s3://sweeps/x"] if verb == "run" else ["s3://sweeps/x"]
+@pytest.fixture(scope="module")
+def refusing_s3(tmp_path_factory):
+    """A moto S3 server that checks credentials (INITIAL_NO_AUTH_ACTION_COUNT=0): these keys belong to nobody."""
+    process, endpoint = start_moto(tmp_path_factory.mktemp("moto-auth"), INITIAL_NO_AUTH_ACTION_COUNT="0")
     try:
-        done = run_cli(verb, *args, env={**S3_CREDENTIALS, "AWS_ENDPOINT_URL": endpoint})
+        yield {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}
     finally:
         process.kill()
         process.wait()
-    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("verb", ["run", "resume"])
+def test_refused_credentials_are_said_before_anything_starts(tmp_path, tiny_spec, verb, refusing_s3, monkeypatch,
+                                                             capsys):
+    args = [str(write_spec(tmp_path, tiny_spec)), "--storage", "s3://sweeps/x"] if verb == "run" else ["s3://sweeps/x"]
+    status, err = sweep([verb, *args], refusing_s3, monkeypatch, capsys)
+    assert status == 2 and len(err.strip().splitlines()) == 1
     flag = "--storage" if verb == "run" else "resume"
-    assert f"{flag} s3://sweeps/x: the object store refused it (" in done.stderr
-    assert "check the credentials" in done.stderr
+    assert f"{flag} s3://sweeps/x: the object store refused it (" in err
+    assert "check the credentials" in err
 
 
 @pytest.mark.slow
-def test_a_sweep_on_s3_is_reported_and_resumed_from_this_machine(tmp_path, s3):
+def test_a_sweep_on_s3_is_reported_and_resumed_from_this_machine(tmp_path, s3, monkeypatch, capsys):
     # About a second per epoch, one trial at a time: slow enough to kill the driver between two epochs.
     spec = write_spec(tmp_path, {"name": "remote", "data": {"name": "mnist5k", "batch_size": 50},
-                                 "model": {"name": "mlp", "hidden_sizes": [1024, 1024]}, "train": {"epochs": 5},
+                                 "model": {"name": "mlp", "hidden_sizes": [1024, 1024]}, "train": {"epochs": 4},
                                  "arms": {"sgd": {"optimizer": "sgd", "lr": 0.05}, "adam": {"optimizer": "adam", "lr": 0.001}},
                                  "search": {"max_concurrent": 1}})
     with open(tmp_path / "run.log", "w") as log:
         driver = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(spec), "--storage", "s3://sweeps/runs",
                                    "--no-dashboard"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                   start_new_session=True, env={**os.environ, **s3})
-    try:  # kill once the first trial has checkpointed its second epoch in the bucket: it has three more to go
+    try:  # kill once the first trial has checkpointed its second epoch in the bucket: it has two more to go
         deadline = time.monotonic() + 300
         while not any("checkpoint_000001" in p for p in listing(s3, "sweeps/runs/remote")):
             assert time.monotonic() < deadline and driver.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
@@ -76,17 +99,17 @@ def test_a_sweep_on_s3_is_reported_and_resumed_from_this_machine(tmp_path, s3):
     resumed = run_cli("resume", "s3://sweeps/runs/remote", "--no-dashboard", env=s3)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     out = tmp_path / "here"
-    report = run_cli("report", "s3://sweeps/runs/remote", "--out", str(out), env=s3)
-    assert report.returncode == 0, report.stderr[-3000:]
+    status, err = sweep(["report", "s3://sweeps/runs/remote", "--out", str(out)], s3, monkeypatch, capsys)
+    assert status == 0, err[-3000:]
     assert (out / "report" / "report.html").is_file() and not list(out.rglob("checkpoint_*"))
     rows = trial_results(out)
     seen = {name: [(r["epoch"], r["iterations_since_restore"]) for r in t] for name, t in rows.items()}
-    assert len(rows) == 2 and all(t[-1]["epoch"] == 5 for t in rows.values()), (seen, resumed.stderr[-3000:])
+    assert len(rows) == 2 and all(t[-1]["epoch"] == 4 for t in rows.values()), (seen, resumed.stderr[-3000:])
     # the interrupted one went on from its checkpoint, not from epoch 1
     assert any(r["iterations_since_restore"] == 1 and r["epoch"] > 1 for t in rows.values() for r in t), seen
-    again = run_cli("report", "s3://sweeps/runs/remote/", "--out", str(out), env=s3)  # a trailing slash is the same
-    assert again.returncode == 2 and again.stderr.strip().splitlines() == [
+    status, err = sweep(["report", "s3://sweeps/runs/remote/", "--out", str(out)], s3, monkeypatch, capsys)
+    assert status == 2 and err.strip().splitlines() == [  # a trailing slash is the same
         f"sweep: error: --out {out}: already exists; the results of s3://sweeps/runs/remote are downloaded into a "
         "new directory (choose another with --out)"]
-    missing = run_cli("report", "s3://sweeps/runs/nothing", env=s3)
-    assert missing.returncode == 2 and "s3://sweeps/runs/nothing: not a sweep results directory" in missing.stderr
+    status, err = sweep(["report", "s3://sweeps/runs/nothing"], s3, monkeypatch, capsys)
+    assert status == 2 and "s3://sweeps/runs/nothing: not a sweep results directory" in err

@@ -19,6 +19,7 @@ import torch.nn as nn
 from conftest import REPO, run_cli, trial_results, trial_settings, write_spec
 
 from sweeps.checks import run_notes
+from sweeps.cli import main
 from sweeps.schema import PACK_ON_CPU, SpecError
 from sweeps.spec import validate_spec
 from trainables.data import load_dataset
@@ -201,19 +202,22 @@ def test_what_cannot_be_packed_is_refused_at_validation(changes, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_a_pack_is_off_for_trials_on_cpus_unless_asked_and_says_so(monkeypatch, tmp_path):
+def test_a_pack_is_off_for_trials_on_cpus_unless_asked_and_says_so(monkeypatch, tmp_path, capsys):
     monkeypatch.delenv(PACK_ON_CPU, raising=False)
     on_cpu, on_gpu = (validate_spec({**TINY, "resources": {"pack": 4, "gpu": gpu}}, "spec.yaml") for gpu in (0, 0.5))
     assert (on_cpu.resources.pack_size(), on_gpu.resources.pack_size()) == (1, 4)
     assert any(n.startswith("resources.pack: 4 is off: these trials train on CPUs") for n in run_notes(on_cpu))
     assert not any("resources.pack" in n for n in run_notes(on_gpu))
-    checked = run_cli("validate", str(write_spec(tmp_path, {**TINY, "resources": {"pack": 4}})))
-    assert checked.returncode == 0 and "packed: up to" not in checked.stdout and "resources.pack: 4 is off" in checked.stdout
+    spec = str(write_spec(tmp_path, {**TINY, "resources": {"pack": 4}}))
+    assert main(["validate", spec]) == 0  # in this process: tests/test_bad_inputs.py runs a real one
+    checked = capsys.readouterr().out
+    assert "packed: up to" not in checked and "resources.pack: 4 is off" in checked
     monkeypatch.setenv(PACK_ON_CPU, "1")  # what the packed sweeps below run with
     assert on_cpu.resources.pack_size() == 4
     assert any(n.startswith(f"resources.pack: 4 on CPUs ({PACK_ON_CPU}=1)") for n in run_notes(on_cpu))
-    checked = run_cli("validate", str(write_spec(tmp_path, {**TINY, "resources": {"pack": 4}})))
-    assert "packed: up to 4 trials" in checked.stdout, checked.stdout
+    assert main(["validate", spec]) == 0
+    checked = capsys.readouterr().out
+    assert "packed: up to 4 trials" in checked, checked
 
 
 def test_the_pack_key_ignores_exactly_the_members_own_settings():
@@ -258,6 +262,28 @@ def by_config(results_dir) -> dict[tuple, dict[int, dict]]:
     return out
 
 
+def trained_alone(spec: dict, results_dir) -> dict[tuple, dict[int, dict]]:
+    """by_config's (arm, lr) -> epoch -> metrics for each trial of the sweep in `results_dir`, trained again alone
+    and to the end in this process, as an unpacked trial trains (trainables.train.train_trial, one thread)."""
+    from sweeps.runner import prepare_data
+    from trainables.settings import resolve_settings
+
+    torch.set_num_threads(1)  # resources.cpu: 1
+    checked = validate_spec(spec, "spec.yaml")
+    data = prepare_data(checked)  # the data the sweep loaded
+    out = {}
+    for rows in trial_results(results_dir).values():
+        config = rows[0]["config"]
+        trial = Trial(resolve_settings(checked.base_settings(), config), data, CPU,
+                      loaded_subset=checked.data.train_subset, trial_id=rows[0]["trial_id"])
+        epochs = {}
+        while not trial.finished:
+            metrics = _epoch_alone(trial)
+            epochs[metrics["epoch"]] = metrics
+        out[(config["arm"]["name"], round(config["arm"]["optim.lr"], 12))] = epochs
+    return out
+
+
 def asha_rungs(results_dir) -> dict[str, list[tuple[int, dict[str, float]]]]:
     """Arm -> its ASHA's rungs as the sweep left them: (epoch, {trial id: reward}), in the order results reached it."""
     [state] = results_dir.glob("callback-states-*.pkl")
@@ -268,15 +294,14 @@ def asha_rungs(results_dir) -> dict[str, list[tuple[int, dict[str, float]]]]:
 
 @pytest.mark.slow
 def test_a_packed_sweep_trains_each_trial_as_alone_and_asha_stops_the_trials_it_would_stop_alone(tmp_path):
-    runs = {}  # the same trials alone and run to the end (a reference for every epoch), and packed under ASHA
-    for pack, scheduler in ((1, {"name": "fifo"}), (4, {"name": "asha", "grace_period": 1, "reduction_factor": 2})):
-        done = run_cli("run", str(write_spec(tmp_path, sweep_spec(pack, scheduler=scheduler), f"pack{pack}.yaml")),
-                       "--storage", str(tmp_path / f"pack{pack}"), "--no-dashboard")
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs[pack] = tmp_path / f"pack{pack}" / "pk"
-    assert_packed(runs[4])
-    alone, packed = by_config(runs[1]), by_config(runs[4])
-    assert alone.keys() == packed.keys() and len(packed) == 8  # the same configurations, drawn in the driver
+    spec = sweep_spec(4)  # packed, under ASHA
+    done = run_cli("run", str(write_spec(tmp_path, spec)), "--storage", str(tmp_path), "--no-dashboard")
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = tmp_path / "pk"
+    assert_packed(results)
+    packed = by_config(results)
+    alone = trained_alone(spec, results)  # the same trials alone and run to the end: a reference for every epoch
+    assert alone.keys() == packed.keys() and len(packed) == 8
     compared = 0
     for config, epochs in packed.items():
         for epoch in epochs:
@@ -290,7 +315,7 @@ def test_a_packed_sweep_trains_each_trial_as_alone_and_asha_stops_the_trials_it_
     trial_config = {r["trial_id"]: config for config, rows in packed.items() for r in rows.values()}
     stopped = {tid for tid, config in trial_config.items() if max(packed[config]) < 4}
     predicted = set()
-    for arm, rungs in asha_rungs(runs[4]).items():  # each arm's trials judged against that arm's alone
+    for arm, rungs in asha_rungs(results).items():  # each arm's trials judged against that arm's alone
         for milestone, recorded in rungs:
             earlier = []
             for trial_id, _ in recorded.items():

@@ -229,7 +229,7 @@ def test_two_stage_protocol_tunes_on_validation_then_confirms_on_test(tmp_path, 
         train={"epochs": 2},
         arms={"sgd": {"optimizer": "sgd", "lr": {"loguniform": [0.01, 0.5]}},
               "adam": {"optimizer": "adam", "lr": {"loguniform": [1e-4, 1e-2]}}},
-        search={"algorithm": "optuna", "num_samples": 3, "max_concurrent": 2},
+        search={"algorithm": "optuna", "num_samples": 2, "max_concurrent": 2},
         protocol={"confirm_seeds": 2},
     )
     spec = write_spec(tmp_path, tiny_spec)
@@ -238,7 +238,7 @@ def test_two_stage_protocol_tunes_on_validation_then_confirms_on_test(tmp_path, 
     root = tmp_path / "tiny"
     tune, confirm = trial_results(root / "tune"), trial_results(root / "confirm")
     tune_arms = [json.loads((root / "tune" / n / "params.json").read_text())["arm"]["name"] for n in tune]
-    assert sorted(tune_arms) == ["adam"] * 3 + ["sgd"] * 3  # the same budget per arm
+    assert sorted(tune_arms) == ["adam"] * 2 + ["sgd"] * 2  # the same budget per arm
     assert not any("test_acc" in row for rows in tune.values() for row in rows), "stage 1 must never see the test split"
     assert len(confirm) == 4
     for name, rows in confirm.items():

@@ -18,6 +18,7 @@ from results_fixtures import curve_rows, spec_for, write_trial
 from results_fixtures import write_spec as write_results_spec
 from test_search import LR, decades_from_optimum, drive, objective, optuna_spec
 
+from sweeps.cli import main
 from sweeps.schedulers import SCHEDULERS, ArmExplorer
 from sweeps.schema import PACK_ON_CPU, SpecError
 from sweeps.space import PerArmOptuna, warm_start_trials
@@ -56,13 +57,14 @@ def test_a_scheduler_the_trials_cannot_serve_is_refused(changes, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_validate_shows_each_schedulers_plan():
+def test_validate_shows_each_schedulers_plan(capsys):
     plans = {}
-    for name in ("asha", "hyperband", "median", "pbt"):
-        done = run_cli("validate", "quickstart", "--set", f"scheduler.name={name}", "--set", "train.epochs=9",
-                       "--set", "scheduler.max_t=9")
-        assert done.returncode == 0, done.stderr
-        plans[name] = next(line for line in done.stdout.splitlines() if line.startswith("  scheduler"))
+    for name in ("asha", "hyperband", "median", "pbt"):  # in this process: tests/test_bad_inputs.py runs a real one
+        status = main(["validate", "quickstart", "--set", f"scheduler.name={name}", "--set", "train.epochs=9",
+                       "--set", "scheduler.max_t=9"])
+        out = capsys.readouterr()
+        assert status == 0, out.err
+        plans[name] = next(line for line in out.out.splitlines() if line.startswith("  scheduler"))
     assert "judged at epochs 1, 3 and goes on only in the top 1/3 of its arm's rung; at most 9 epochs" in plans["asha"]
     assert "hyperband (asynchronous): 3 brackets, trials dealt to them in turn; bracket by bracket a trial is judged " \
         "at epochs 1, 3 / at epochs 3 / never (runs to 9)" in plans["hyperband"]
@@ -167,7 +169,7 @@ def test_pbt_copies_within_an_arm_and_the_copy_trains_with_its_explored_lr(tmp_p
     tiny_spec.update(train={"epochs": 6},
                      arms={"sgd": {"optimizer": "sgd", "lr": {"loguniform": [1.0e-4, 1.0]}},
                            "adam": {"optimizer": "adam", "lr": {"loguniform": [1.0e-5, 1.0e-1]}}},
-                     search={"algorithm": "random", "num_samples": 4},
+                     search={"algorithm": "random", "num_samples": 2},
                      scheduler={"name": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.5},
                      resources={"cpu": 1, "pack": pack})
     done = run_cli("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path), "--no-dashboard")
@@ -225,7 +227,8 @@ def test_several_objectives_make_each_arm_a_multi_objective_study():
 
 
 @pytest.mark.slow
-def test_a_multi_objective_sweep_reports_its_pareto_front(tmp_path, tiny_spec):
+def test_a_multi_objective_sweep_reports_its_pareto_front_and_a_follow_up_sweep_starts_from_its_trials(
+        tmp_path, tiny_spec, capsys):
     tiny_spec.update(train={"epochs": 1},
                      arms={"sgd": {"optimizer": "sgd", "lr": {"loguniform": [1.0e-3, 1.0]}},
                            "adam": {"optimizer": "adam", "lr": {"loguniform": [1.0e-5, 1.0e-1]}}},
@@ -240,6 +243,20 @@ def test_a_multi_objective_sweep_reports_its_pareto_front(tmp_path, tiny_spec):
         dominated = ((points >= point).all(axis=1) & (points > point).any(axis=1)).any()
         assert pareto["on_front"].iloc[i] == (not dominated)
     assert 'id="figure-pareto"' in (tmp_path / "tiny" / "report" / "report.html").read_text()
+
+    # A follow-up sweep (search.warm_start) gives each arm's study the first sweep's trials before its own.
+    tiny_spec["search"].update(warm_start=str(tmp_path / "tiny"), num_samples=1)
+    second = run_cli("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path), "--name", "again",
+                     "--no-dashboard")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"warm start from {tmp_path / 'tiny'}: sgd 3, adam 3 earlier trials" in second.stderr
+    assert len(trial_results(tmp_path / "again")) == 2
+    # A warm start from nowhere is refused before anything starts (in this process: no sweep starts).
+    tiny_spec["search"]["warm_start"] = str(tmp_path / "nowhere")
+    nowhere = write_spec(tmp_path, tiny_spec)
+    assert main(["run", str(nowhere), "--storage", str(tmp_path), "--name", "x"]) == 2
+    assert f"search.warm_start {tmp_path / 'nowhere'}: " in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 # --- warm start ------------------------------------------------------------------------------------------------
@@ -288,24 +305,6 @@ def test_a_warm_start_from_a_different_sweep_names_what_differs(tmp_path, change
     with pytest.raises(SpecError, match="search.warm_start") as err:
         warm_start_trials(validate_spec(raw, "spec.yaml"))
     assert message in str(err.value)
-
-
-@pytest.mark.slow
-def test_a_follow_up_sweep_starts_from_the_first_ones_trials(tmp_path, tiny_spec):
-    tiny_spec.update(train={"epochs": 1},
-                     arms={"sgd": {"optimizer": "sgd", "lr": {"loguniform": [0.01, 0.5]}}},
-                     search={"algorithm": "optuna", "num_samples": 3})
-    first = run_cli("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path), "--no-dashboard")
-    assert first.returncode == 0, first.stderr[-3000:]
-    tiny_spec["search"]["warm_start"] = str(tmp_path / "tiny")
-    second = run_cli("run", str(write_spec(tmp_path, tiny_spec)), "--storage", str(tmp_path), "--name", "again",
-                     "--no-dashboard")
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert f"warm start from {tmp_path / 'tiny'}: sgd 3 earlier trials" in second.stderr
-    missing = run_cli("run", str(write_spec(tmp_path, {**tiny_spec, "search": {
-        **tiny_spec["search"], "warm_start": str(tmp_path / "nowhere")}})), "--storage", str(tmp_path), "--name", "x")
-    assert missing.returncode == 2 and f"search.warm_start {tmp_path / 'nowhere'}: " in missing.stderr
-    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("grace, factor, max_t", [(1, 3, 9), (1, 2, 4), (2, 3, 30), (1, 4, 100), (3, 2, 7)])

@@ -6,9 +6,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, run_cli, write_spec
+from conftest import REPO, write_spec
 from ray.tune.search.variant_generator import generate_variants
 
+from sweeps.cli import main
 from sweeps.schema import Scheduler, SpecError, count_trials, resolve_key
 from sweeps.space import param_space
 from sweeps.spec import flag_overrides, load_spec, validate_spec
@@ -166,23 +167,26 @@ def test_malformed_yaml_names_file_and_line(tmp_path):
         load_spec(str(bad))
 
 
-def test_cli_validate_prints_plan_and_bad_input_exits_2(tmp_path):
-    ok = run_cli("validate", "quickstart")
-    assert ok.returncode == 0 and "trials     20" in ok.stdout and "adamw" in ok.stdout
-    ok = run_cli("validate", "fair-optimizers-mnist", "--set", "data.batch_size=4000")
-    assert "num_samples 8 per arm, one TPE study each (4 start-up trials)" in ok.stdout
-    assert ok.stdout.count("batch_size 4000 is larger") == 1  # the data section's setting, said once
-    assert "note       data: batch_size 4000 is larger than the 3400 training images" in ok.stdout
+def test_cli_validate_prints_plan_and_bad_input_exits_2(tmp_path, capsys):
+    # The `sweep` entry point in this process; tests/test_bad_inputs.py checks a real process's exit status.
+    assert main(["validate", "quickstart"]) == 0
+    ok = capsys.readouterr().out
+    assert "trials     20" in ok and "adamw" in ok
+    assert main(["validate", "fair-optimizers-mnist", "--set", "data.batch_size=4000"]) == 0
+    ok = capsys.readouterr().out
+    assert "num_samples 8 per arm, one TPE study each (4 start-up trials)" in ok
+    assert ok.count("batch_size 4000 is larger") == 1  # the data section's setting, said once
+    assert "note       data: batch_size 4000 is larger than the 3400 training images" in ok
     path = write_spec(tmp_path, spec_with(optim__lr=-1))
-    bad = run_cli("validate", str(path))
-    assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines() == [f"sweep: error: {path}: optim.lr: Input should be greater than 0, got -1"]
+    assert main(["validate", str(path)]) == 2
+    bad = capsys.readouterr()
+    assert bad.err.strip().splitlines() == [f"sweep: error: {path}: optim.lr: Input should be greater than 0, got -1"]
+    assert bad.out == ""
 
 
-def test_cli_list_shows_bundled_specs():
-    out = run_cli("list")
-    assert out.returncode == 0
-    assert any(line.split()[0] == "quickstart" and "20 trials" in line for line in out.stdout.splitlines())
+def test_cli_list_shows_bundled_specs(capsys):
+    assert main(["list"]) == 0
+    assert any(line.split()[0] == "quickstart" and "20 trials" in line for line in capsys.readouterr().out.splitlines())
 
 
 def test_the_cli_leaves_the_dataset_decoders_unimported():
