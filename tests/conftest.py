@@ -57,6 +57,28 @@ def write_spec(folder: Path, spec: dict, name: str = "spec.yaml") -> Path:
     return path
 
 
+def sweep(argv: list[str], capsys) -> tuple[int, str]:
+    """The `sweep` entry point in this process (`sweeps.cli.main`: one import of torch and Ray for many cases
+    instead of one per process); returns (exit status, stderr)."""
+    from sweeps.cli import main
+
+    try:
+        status = main(argv)
+    except SystemExit as exit:  # argparse's own errors
+        status = exit.code
+    return status, capsys.readouterr().err
+
+
+@pytest.fixture
+def ray_must_not_start(monkeypatch):
+    """Fails the test where Ray starts: a refusal must come before anything starts."""
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a bad input must be refused before Ray starts")
+    monkeypatch.setattr(ray, "init", refuse)
+
+
 def trial_results(results_dir: Path) -> dict[str, list[dict]]:
     """Trial directory name -> its result rows (one dict per reported epoch)."""
     out = {}

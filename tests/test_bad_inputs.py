@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import ray
-from conftest import run_cli, write_spec
+from conftest import run_cli, sweep, write_spec
 
-from sweeps.cli import main
+
+pytestmark = pytest.mark.usefixtures("ray_must_not_start")  # every case is refused before Ray starts
 
 # (id, argv with {ws} for the workspace folder, text the one-line error must contain, with {ws} too)
 CASES = [
@@ -184,15 +184,6 @@ def snapshot(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*"))}
 
 
-def sweep(argv: list[str], capsys) -> tuple[int, str]:
-    """Run the `sweep` entry point in this process; returns (exit status, stderr)."""
-    try:
-        status = main(argv)
-    except SystemExit as exit:  # argparse's own errors
-        status = exit.code
-    return status, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("argv,message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_exits_2_with_one_line_and_no_side_effects(argv, message, workspace, capsys):
     if argv[-1].startswith("/proc") and not Path("/proc").is_dir():
@@ -204,14 +195,6 @@ def test_bad_input_exits_2_with_one_line_and_no_side_effects(argv, message, work
     assert status == 2, err
     assert len(errors) == 1 and fill(message) in errors[0], err
     assert snapshot(workspace) == before, "a bad input must not create or change any file"
-
-
-@pytest.fixture(autouse=True)
-def ray_must_not_start(monkeypatch):
-    """Every case must be refused before Ray starts (ray.init would fail the case)."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a bad input must be refused before Ray starts")
-    monkeypatch.setattr(ray, "init", refuse)
 
 
 def test_the_table_is_big_enough():

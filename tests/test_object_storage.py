@@ -11,35 +11,26 @@ import sys
 import time
 
 import pytest
-import ray
-from conftest import REPO, S3_CREDENTIALS, run_cli, s3_objects, start_moto, trial_results, write_spec
+from conftest import REPO, S3_CREDENTIALS, run_cli, s3_objects, start_moto, sweep, trial_results, write_spec
 
-from sweeps.cli import main
 
 
 def listing(env: dict, prefix: str) -> list[str]:
     return s3_objects(env["AWS_ENDPOINT_URL"], prefix)
 
 
-def sweep(argv: list[str], env: dict, monkeypatch, capsys) -> tuple[int, str]:
-    """The `sweep` entry point in this process with `env` set; returns (exit status, stderr). (A real process's
-    exit status and stderr: tests/test_bad_inputs.py.)"""
-    def refuse(*args, **kwargs):
-        raise AssertionError("Ray started: the object store is checked before anything starts")
-
+def set_env(monkeypatch, env: dict) -> None:
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(ray, "init", refuse)
-    status = main(argv)
-    return status, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("verb", ["run", "resume"])
 def test_a_bucket_that_does_not_exist_is_refused_before_anything_starts(tmp_path, tiny_spec, s3, verb, monkeypatch,
-                                                                         capsys):
+                                                                         capsys, ray_must_not_start):
+    set_env(monkeypatch, s3)
     args = [str(write_spec(tmp_path, tiny_spec)), "--storage", "s3://nowhere/sweeps"] if verb == "run" else \
         ["s3://nowhere/sweeps/tiny"]
-    status, err = sweep([verb, *args], s3, monkeypatch, capsys)
+    status, err = sweep([verb, *args], capsys)
     flag = "--storage s3://nowhere/sweeps" if verb == "run" else "resume s3://nowhere/sweeps/tiny"
     assert status == 2 and err.strip().splitlines() == [
         f"sweep: error: {flag}: bucket nowhere does not exist; create it first"]
@@ -59,9 +50,10 @@ def refusing_s3(tmp_path_factory):
 
 @pytest.mark.parametrize("verb", ["run", "resume"])
 def test_refused_credentials_are_said_before_anything_starts(tmp_path, tiny_spec, verb, refusing_s3, monkeypatch,
-                                                             capsys):
+                                                             capsys, ray_must_not_start):
+    set_env(monkeypatch, refusing_s3)
     args = [str(write_spec(tmp_path, tiny_spec)), "--storage", "s3://sweeps/x"] if verb == "run" else ["s3://sweeps/x"]
-    status, err = sweep([verb, *args], refusing_s3, monkeypatch, capsys)
+    status, err = sweep([verb, *args], capsys)
     assert status == 2 and len(err.strip().splitlines()) == 1
     flag = "--storage" if verb == "run" else "resume"
     assert f"{flag} s3://sweeps/x: the object store refused it (" in err
@@ -69,7 +61,8 @@ def test_refused_credentials_are_said_before_anything_starts(tmp_path, tiny_spec
 
 
 @pytest.mark.slow
-def test_a_sweep_on_s3_is_reported_and_resumed_from_this_machine(tmp_path, s3, monkeypatch, capsys):
+def test_a_sweep_on_s3_is_reported_and_resumed_from_this_machine(tmp_path, s3, monkeypatch, capsys,
+                                                                  ray_must_not_start):  # reports start no Ray
     # About a second per epoch, one trial at a time: slow enough to kill the driver between two epochs.
     spec = write_spec(tmp_path, {"name": "remote", "data": {"name": "mnist5k", "batch_size": 50},
                                  "model": {"name": "mlp", "hidden_sizes": [1024, 1024]}, "train": {"epochs": 4},
@@ -99,7 +92,8 @@ def test_a_sweep_on_s3_is_reported_and_resumed_from_this_machine(tmp_path, s3, m
     resumed = run_cli("resume", "s3://sweeps/runs/remote", "--no-dashboard", env=s3)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     out = tmp_path / "here"
-    status, err = sweep(["report", "s3://sweeps/runs/remote", "--out", str(out)], s3, monkeypatch, capsys)
+    set_env(monkeypatch, s3)
+    status, err = sweep(["report", "s3://sweeps/runs/remote", "--out", str(out)], capsys)
     assert status == 0, err[-3000:]
     assert (out / "report" / "report.html").is_file() and not list(out.rglob("checkpoint_*"))
     rows = trial_results(out)
@@ -107,9 +101,9 @@ def test_a_sweep_on_s3_is_reported_and_resumed_from_this_machine(tmp_path, s3, m
     assert len(rows) == 2 and all(t[-1]["epoch"] == 4 for t in rows.values()), (seen, resumed.stderr[-3000:])
     # the interrupted one went on from its checkpoint, not from epoch 1
     assert any(r["iterations_since_restore"] == 1 and r["epoch"] > 1 for t in rows.values() for r in t), seen
-    status, err = sweep(["report", "s3://sweeps/runs/remote/", "--out", str(out)], s3, monkeypatch, capsys)
+    status, err = sweep(["report", "s3://sweeps/runs/remote/", "--out", str(out)], capsys)
     assert status == 2 and err.strip().splitlines() == [  # a trailing slash is the same
         f"sweep: error: --out {out}: already exists; the results of s3://sweeps/runs/remote are downloaded into a "
         "new directory (choose another with --out)"]
-    status, err = sweep(["report", "s3://sweeps/runs/nothing"], s3, monkeypatch, capsys)
+    status, err = sweep(["report", "s3://sweeps/runs/nothing"], capsys)
     assert status == 2 and "s3://sweeps/runs/nothing: not a sweep results directory" in err
