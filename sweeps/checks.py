@@ -286,7 +286,8 @@ def model_input_problem(channels: int, size: int, num_classes: int, model_json: 
         with torch.device("meta"):  # built without initialising its weights
             net = create_model(model.pop("name"), in_channels=channels, num_classes=num_classes, image_size=size,
                                **model)
-        try_forward(net, torch.zeros(1, channels, size, size))
+        with torch.no_grad():
+            net.eval()(torch.zeros(1, channels, size, size, device=check_device([net])))
     except (RuntimeError, ValueError) as err:
         return str(err).strip().splitlines()[0]
     return None
@@ -295,7 +296,7 @@ def model_input_problem(channels: int, size: int, num_classes: int, model_json: 
 @functools.cache
 def pack_problem(channels: int, size: int, num_classes: int, model_json: str) -> str | None:
     """Why the model section `model_json` cannot be trained packed, or None when it can: two of them as one
-    `trainables.packed.PackedModel` on the meta device."""
+    `trainables.packed.PackedModel`, one forward pass (see `check_device`)."""
     import torch
 
     from trainables.models import create_model
@@ -306,25 +307,25 @@ def pack_problem(channels: int, size: int, num_classes: int, model_json: str) ->
     with torch.device("meta"):
         nets = [create_model(name, in_channels=channels, num_classes=num_classes, image_size=size, **model)
                 for _ in range(2)]
-        problem = unpackable(nets[0])
-        packed = PackedModel(nets) if problem is None else None
-    if packed is not None:
+    problem = unpackable(nets[0])
+    if problem is None:
         try:
-            try_forward(packed, torch.zeros(2, 1, channels, size, size))
+            device = check_device(nets)  # before stacking: the pack's stacked weights are made where its members are
+            with torch.no_grad():
+                PackedModel(nets).eval()(torch.zeros(2, 1, channels, size, size, device=device))
         except (RuntimeError, ValueError) as err:
             problem = str(err).strip().splitlines()[0]
     return problem
 
 
-def try_forward(net, x) -> None:
-    """One forward pass of `net` (built on the meta device): it raises where the shapes do not fit. On the CPU, on
-    uninitialised weights, where they fit in 256 MB: the meta device's first forward imports 1-2 s of torch's
-    decompositions, which every `sweep validate` and `run` would wait for. A bigger model (one meant for a cluster's
-    GPUs) stays on the meta device: this machine need not hold it."""
-    import torch
-
-    with torch.no_grad():
-        if sum(t.numel() * t.element_size() for t in [*net.parameters(), *net.buffers()]) > 256 * 2**20:
-            net.eval()(x.to("meta"))
-        else:
-            net.to_empty(device="cpu").eval()(x)
+def check_device(nets: list) -> str:
+    """Where to run a shape check of `nets` (built on the meta device, without initialising their weights): the CPU,
+    on uninitialised weights, where they fit in 256 MB, since the meta device's first forward imports 1-2 s of torch's
+    decompositions, which every `sweep validate` and `run` would wait for. Bigger models (meant for a cluster's GPUs)
+    stay on the meta device: this machine need not hold them."""
+    size = sum(t.numel() * t.element_size() for net in nets for t in [*net.parameters(), *net.buffers()])
+    if size > 256 * 2**20:
+        return "meta"
+    for net in nets:
+        net.to_empty(device="cpu")
+    return "cpu"

@@ -202,16 +202,22 @@ def load_dataset(name: str, *, data_dir: str | None = None, download: bool = Fal
                             f"({len(train_y)} images after the validation split)")
         _, subset = stratified_split(train_y, train_subset, split_seed, f"{name}: train_subset={train_subset}")
         train_x, train_y = train_x[subset], train_y[subset]
-    if eval_subset is not None and eval_subset < len(val_y):
-        _, subset = stratified_split(val_y, eval_subset, split_seed, f"{name}: eval_subset={eval_subset}")
-        val_x, val_y = val_x[subset], val_y[subset]
-    if eval_subset is not None and test_y is not None and eval_subset < len(test_y):
-        _, subset = stratified_split(test_y, eval_subset, split_seed, f"{name}: eval_subset={eval_subset}")
-        test_x, test_y = test_x[subset], test_y[subset]
+    if eval_subset is not None:
+        val_x, val_y = _at_most(val_x, val_y, eval_subset, split_seed, f"{name}: eval_subset={eval_subset}")
+        if test_y is not None:
+            test_x, test_y = _at_most(test_x, test_y, eval_subset, split_seed, f"{name}: eval_subset={eval_subset}")
 
     mean, std = _fit_normalization(train_x, normalize)
     return Dataset(name=name, train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y, test_x=test_x,
                    test_y=test_y, num_classes=len(classes), classes=classes, mean=mean, std=std, note=note)
+
+
+def _at_most(x: np.ndarray, y: np.ndarray, size: int, seed: int, context: str) -> tuple[np.ndarray, np.ndarray]:
+    """`size` of the images (x, y), drawn stratified, or all of them where there are no more."""
+    if size >= len(y):
+        return x, y
+    _, keep = stratified_split(y, size, seed, context)
+    return x[keep], y[keep]
 
 
 def stratified_split(labels: np.ndarray, size: int | float, seed: int, context: str) -> tuple[np.ndarray, np.ndarray]:
