@@ -26,7 +26,7 @@ from sweeps.storage import (
     storage_uri,
     write_spec,
 )
-from sweeps.tune_patches import CSVLogger, JsonLogger, SchedulerState, trial_actor
+from sweeps.tune_patches import CSVLogger, JsonLogger, SchedulerState, snapshot_race, trial_actor
 from trainables.data import DataError, Dataset, load_dataset
 
 # --- Ray ----------------------------------------------------------------------------------------
@@ -342,6 +342,7 @@ def fit(tuner, spec: Spec, experiment_dir: str, resume_dir: str | None = None) -
 
     INTERRUPTED.clear()
     logging.getLogger("ray.tune.tune").addFilter(tune_interrupt_words)  # added once, however often called
+    logging.getLogger("ray.tune.execution.experiment_state").addFilter(snapshot_race)
     results = tuner.fit()
     if INTERRUPTED.is_set():
         raise SweepInterrupted(interrupted_summary(spec, experiment_dir, resume_dir or experiment_dir))

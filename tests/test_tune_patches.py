@@ -6,16 +6,21 @@ which pins Tune's own loggers)."""
 from __future__ import annotations
 
 import inspect
+import logging
+import sys
 from types import SimpleNamespace
 
 import ray
+from ray.tune.execution import experiment_state
 from ray.tune.execution.tune_controller import TuneController
 from ray.tune.experiment import Trial
 from ray.tune.logger.logger import LoggerCallback
+from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.tune.utils.util import _atomic_save
 
 from sweeps.schedulers import create_scheduler
 from sweeps.spec import validate_spec
-from sweeps.tune_patches import JsonLogger, SchedulerState, relink, trial_actor
+from sweeps.tune_patches import JsonLogger, SchedulerState, relink, snapshot_race, trial_actor
 
 
 def test_ray_is_the_version_the_overrides_were_checked_on():
@@ -32,6 +37,28 @@ def test_tune_loggers_copy_a_restarted_trials_file_back_from_storage():
     # Why JsonLogger and CSVLogger keep the driver's copy: Tune's loggers download the file on every restart.
     assert "copy_files" in inspect.getsource(LoggerCallback._restore_from_remote)
     assert JsonLogger._restore_from_remote is not LoggerCallback._restore_from_remote
+
+
+def test_a_snapshot_upload_racing_the_searchers_temporary_file_is_not_printed():
+    # Why snapshot_race exists: the searcher saves through a temporary file beside the state Tune uploads in the
+    # background, and Tune logs a failed upload, traceback and all, under this message.
+    assert "tmp_file_name" in inspect.getsource(BasicVariantGenerator.save_to_dir)
+    assert "tmp" in inspect.getsource(_atomic_save)
+    assert experiment_state.logger.name == "ray.tune.execution.experiment_state"
+    message = "Saving experiment state to storage at '/results/sweep' failed with exception: "
+    assert '"Saving experiment state to storage at "' in inspect.getsource(experiment_state._ExperimentCheckpointManager.sync_up_experiment_state)
+
+    def record(error: Exception, text: str = message) -> logging.LogRecord:
+        try:
+            raise error
+        except OSError:
+            return logging.LogRecord("ray.tune.execution.experiment_state", logging.ERROR, __file__, 1, text, None,
+                                     sys.exc_info())
+    vanished = "Failed to open local file '/tmp/ray/session_1/driver_artifacts/.ab-tmp-basic-variant-state-1.json'"
+    assert not snapshot_race(record(FileNotFoundError(2, f"{vanished}. Detail: [errno 2] No such file or directory")))
+    assert snapshot_race(record(PermissionError(13, "Permission denied: '/results/sweep/experiment_state-1.json'")))
+    assert snapshot_race(record(FileNotFoundError(2, "No such file or directory: '/results/sweep'")))
+    assert snapshot_race(record(FileNotFoundError(2, f"{vanished}: No such file"), text="Trial task failed"))
 
 
 def _median_spec():
