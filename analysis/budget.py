@@ -116,6 +116,19 @@ def compute_seconds(epochs: pd.DataFrame) -> pd.Series:
     return spent.groupby(rows["trial_id"]).cumsum().reindex(epochs.index)
 
 
+def trial_startup_seconds(results: Results) -> pd.Series:
+    """Per trial (indexed by trial_id): the seconds Ray counted up to its first report beyond that report's training
+    and evaluation (`compute_seconds`): what the trial waited for in its worker before it trained (its data, its
+    model, a new worker's first torch calls). Ray's clock starts once the worker holds the trial's actor, so a new
+    worker process's own start is not in it (timeline.json shows that)."""
+    epochs = results.epochs
+    if epochs.empty or "epoch_time_s" not in epochs:
+        return pd.Series(np.nan, index=results.trials["trial_id"], dtype=float)
+    waited = epochs["time_total_s"].astype(float) - compute_seconds(epochs)
+    first = epochs.groupby("trial_id", sort=False)["epoch"].idxmin()
+    return pd.Series(waited.loc[first.to_numpy()].to_numpy(), index=first.index).reindex(results.trials["trial_id"])
+
+
 def trial_compute_seconds(results: Results) -> pd.Series:
     """Per trial (indexed by trial_id): `compute_seconds` over every epoch it reported."""
     epochs = results.epochs

@@ -68,6 +68,16 @@ def made_with(results_dir: Path) -> str:
     return ", ".join(f"{name} {value}" if name != "code" else str(value) for name, value in found.items())
 
 
+def timeline(results_dir: Path) -> dict[str, float]:
+    """When the sweep's phases ended, in seconds since `sweep run` began (`timeline.json`, written by
+    `sweeps.progress.Timeline`); {} for results without one (a protocol stage, an older version)."""
+    try:
+        found = json.loads((results_dir / "timeline.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(phase): float(seconds) for phase, seconds in found.items()} if isinstance(found, dict) else {}
+
+
 def page_end(footer: str) -> str:
     """The footer (HTML) and the script that sorts the sortable tables."""
     return f"<footer>{footer}</footer><script>{SORT_JS}</script></body></html>"

@@ -23,10 +23,11 @@ from analysis.budget import (
     TUNING_ASSUMES,
     time_to_target,
     trial_compute_seconds,
+    trial_startup_seconds,
     tuning_curves,
 )
 from analysis.figures import FIGURES
-from analysis.page import html_table, is_number_text, made_with, page_end, page_start, smoke_tag
+from analysis.page import html_table, is_number_text, made_with, page_end, page_start, smoke_tag, timeline
 from analysis.plotting import NotApplicable, report_colours
 from analysis.results import STATUSES, Results, ResultsError, _read_spec, load_results
 from analysis.search_figures import pbt_copies
@@ -68,7 +69,8 @@ def write_report(results_dir: str | Path, out_dir: str | Path | None = None, *, 
     pareto = pareto_table(results)
     if pareto is not None:
         tables["pareto.csv"] = pareto.to_csv(index=False)
-    for name, frame in (("trials", results.trials), ("epochs", results.epochs)):
+    trials = results.trials.assign(startup_s=trial_startup_seconds(results).to_numpy())
+    for name, frame in (("trials", trials), ("epochs", results.epochs)):
         tables[f"{name}.csv"] = frame.to_csv(index=False)
         tables[f"{name}.parquet"] = frame.to_parquet(index=False)
     for filename, data in tables.items():
@@ -261,15 +263,19 @@ def _page(results: Results, comparison: Comparison, reference: pd.DataFrame | No
     return "\n".join(parts)
 
 
-TRIALS_TEXT = ("One row per trial: its status, the epochs it ran, the settings that vary in this sweep and its final "
-               "metrics (an early-stopped trial's at its last epoch). Click a header to sort.")
+TRIALS_TEXT = ("One row per trial: its status, the epochs it ran, the settings that vary in this sweep, its final "
+               "metrics (an early-stopped trial's at its last epoch) and its start-up: the seconds Ray counted "
+               "before its first report that were not training or evaluation (the data, the model, a new worker's "
+               "first torch calls; a new worker's process start comes before Ray's clock, see Start-up above). "
+               "Click a header to sort.")
 def trial_table(results: Results) -> pd.DataFrame:
-    """The trials as the report lists them: id, arm, status, epochs, the settings that vary, final metrics."""
-    trials = results.trials
+    """The trials as the report lists them: id, arm, status, epochs, the settings that vary, final metrics, and the
+    seconds each waited before it trained (`analysis.budget.trial_startup_seconds`)."""
+    trials = results.trials.assign(startup_s=trial_startup_seconds(results).round(2).to_numpy())
     settings = [h for h in results.hyperparameters if trials[h].nunique(dropna=False) > 1]
     metrics = [f"final_{m}" for m in dict.fromkeys([*results.search_metrics, "val_acc", "val_loss", "test_acc"])]
-    columns = ["trial_id", "arm", "status", "epochs_run", *settings, *(m for m in metrics if m in trials)]
-    return trials[columns].rename(columns={"epochs_run": "epochs"})
+    columns = ["trial_id", "arm", "status", "epochs_run", *settings, *(m for m in metrics if m in trials), "startup_s"]
+    return trials[columns].rename(columns={"epochs_run": "epochs", "startup_s": "start-up s"})
 
 
 def _partial_text(results: Results) -> str:
@@ -292,6 +298,8 @@ def _facts(results: Results, comparison: Comparison) -> str:
     if len(trials):
         facts["Compute"] = (f"{_duration(float(np.nansum(trial_compute_seconds(results))))} of training and "
                             f"evaluation, {int(trials['epochs_run'].sum()):,} epochs (sums over trials)")
+    if timeline(results.directory):
+        facts["Start-up"] = _startup_fact(timeline(results.directory), trial_startup_seconds(results))
     if made_with(results.directory):
         facts["Made with"] = made_with(results.directory)
     if len(comparison.table) and comparison.members[0]:
@@ -305,6 +313,16 @@ def _facts(results: Results, comparison: Comparison) -> str:
         facts["Best configuration"] = (f"{comparison.labels[0]}: {config} → {m} {top[f'{m}_mean']:.4g}{spread} "
                                        f"over {top['n_seeds']} seed(s)")
     return "<dl class='facts'>" + "".join(f"<dt>{k}</dt><dd>{html.escape(v)}</dd>" for k, v in facts.items()) + "</dl>"
+
+
+def _startup_fact(marks: dict[str, float], trials: pd.Series) -> str:
+    """The run's phases (timeline.json: seconds since `sweep run` began) and the trials' own start-up, as one line."""
+    said = ", ".join(f"{phase} at {seconds:.1f} s" for phase, seconds in marks.items())
+    waited = trials.dropna()
+    if len(waited):
+        said += (f" after the command began; the trials waited {np.median(waited):.1f} s (median) before their first "
+                 f"report, {waited.max():.1f} s the longest")
+    return said
 
 
 def _duration(seconds: float) -> str:

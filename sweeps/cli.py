@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import NoReturn
 
@@ -80,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> None:
                                    verbose=args.verbose)
     else:
         results_dir = run_sweep(spec, storage=args.storage, address=args.address, dashboard=not args.no_dashboard,
-                                verbose=args.verbose)
+                                verbose=args.verbose, started=args.started)
     _report(results_dir)
 
 
@@ -276,7 +277,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.time()  # timeline.json counts from here (`sweep run`)
     args = parser().parse_args(argv)
+    args.started = started
     try:
         args.func(args)
     except (SpecError, ResultsError) as err:  # bad user input: one line, exit 2

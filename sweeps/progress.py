@@ -8,6 +8,7 @@ each step, so a resumed sweep counts the trials it restored.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -19,6 +20,7 @@ from ray import tune
 
 from analysis.outcome import planned_epochs, stopped_early
 from sweeps.schema import Domain, Spec, count_trials
+from sweeps.storage import TIMELINE_FILE, write_text
 
 ENDED = ("TERMINATED", "ERROR")
 INTERRUPTED = threading.Event()  # Ctrl-C (SIGINT) stopped the sweep: Tune saved its state and stops its trials
@@ -34,6 +36,40 @@ def tune_interrupt_words(record: logging.LogRecord) -> bool:
         return False
     return not (INTERRUPTED.is_set() and message.startswith(("Experiment has been interrupted",
                                                                "Trials did not complete")))
+class Timeline(tune.Callback):
+    """When a sweep's phases ended, in seconds since its command began: `marks` brings those the runner saw (spec and
+    data ready, Ray up), this adds the first trial started, the first epoch reported and all trials done, as Tune
+    reports them. Written to timeline.json in the results directory at each mark; the report shows it. It is the
+    first run's: a resumed sweep leaves it as it was (Tune restores this callback with `set_state`)."""
+
+    def __init__(self, results_dir: str, started: float, marks: dict[str, float]):
+        self.results_dir, self.started, self.marks, self.resumed = results_dir, started, dict(marks), False
+
+    def get_state(self) -> dict:
+        return {"marks": dict(self.marks)}  # not empty: Tune saves only a state that is
+
+    def set_state(self, state: dict) -> None:
+        self.resumed = True
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        if "first trial started" not in self.marks:  # Tune asked Ray for its actor
+            self._mark("first trial started")
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        if "first epoch reported" not in self.marks:
+            self._mark("first epoch reported")
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        if not INTERRUPTED.is_set():
+            self._mark("all trials done")
+
+    def _mark(self, phase: str) -> None:
+        if self.resumed:
+            return
+        self.marks[phase] = round(time.time() - self.started, 2)
+        write_text(f"{self.results_dir}/{TIMELINE_FILE}", json.dumps(self.marks, indent=2) + "\n")
+
+
 MARKS = {"*": "still running: its latest value", "†": "ended early (stopped, diverged or failed): its last value"}
 
 

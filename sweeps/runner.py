@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import zipfile
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from sweeps.cluster import check_shared_storage, token_hint, use_token_if_found
 from sweeps.console import say
+from sweeps.progress import INTERRUPTED, Progress, Timeline, tune_interrupt_words
 from sweeps.schedulers import create_scheduler, max_epochs
 from sweeps.schema import Spec, SpecError, SweepFailed, SweepInterrupted, count_trials
 from sweeps.space import PerArmOptuna, param_space
@@ -96,11 +98,11 @@ def local_resources() -> dict[str, float]:
 
 
 def build_tuner(spec: Spec, dataset: Dataset, *, storage: str, restore: str | None = None, verbose: bool = False,
-                experiment: str | None = None, warm: dict | None = None):
+                experiment: str | None = None, warm: dict | None = None, timeline: Timeline | None = None):
     """The Tuner for this spec; `restore` continues the sweep in that results directory (with the callbacks
     and verbosity it was started with). `verbose`: Tune's own tables instead of our progress display.
     `experiment`: the MLflow experiment's name (default: the spec's). `warm`: earlier trials for the Optuna
-    searcher (`sweeps.space.warm_start_trials`)."""
+    searcher (`sweeps.space.warm_start_trials`). `timeline`: the callback that records the run's phases."""
     # Tune snapshots its state after every checkpoint (what keeps `sweep resume` exact) and warns that
     # this is frequent; for epochs of seconds it is the intended cadence, not a problem.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -135,7 +137,8 @@ def build_tuner(spec: Spec, dataset: Dataset, *, storage: str, restore: str | No
             name=spec.name, storage_path=storage,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=checkpoints_kept(spec)),
             failure_config=tune.FailureConfig(max_failures=spec.run.max_failures),
-            callbacks=callbacks(spec, scheduler, storage=storage, verbose=verbose, experiment=experiment),
+            callbacks=callbacks(spec, scheduler, storage=storage, verbose=verbose, experiment=experiment)
+            + ([timeline] if timeline else []),
             verbose=1 if verbose else 0),
     )
 
@@ -169,7 +172,6 @@ def callbacks(spec: Spec, scheduler, *, storage: str, verbose: bool, experiment:
     """The driver's Tune callbacks: the scheduler's state, the result files, the console, the Optuna journal,
     MLflow."""
     from sweeps.dashboard import JOURNAL, OptunaJournal
-    from sweeps.progress import Progress
 
     chosen = [SchedulerState(scheduler), JsonLogger(), CSVLogger()]
     if not verbose:
@@ -235,8 +237,10 @@ def spec_as_run(spec: Spec, data_note: str | None = None) -> Spec:
 
 
 def run_sweep(spec: Spec, *, storage: str | None = None, address: str | None = None,
-              dashboard: bool = True, verbose: bool = False) -> str:
-    """Run a sweep to the end; returns the results directory. Raises SpecError before starting anything."""
+              dashboard: bool = True, verbose: bool = False, started: float | None = None) -> str:
+    """Run a sweep to the end; returns the results directory. Raises SpecError before starting anything.
+    `started`: when the command began (`time.time()`), from which timeline.json counts; default: now."""
+    started = started or time.time()
     storage = storage_uri(storage)
     results_dir = new_results_dir(storage, spec.name)
     if not address:
@@ -246,12 +250,15 @@ def run_sweep(spec: Spec, *, storage: str | None = None, address: str | None = N
     warm = warm_start(spec)
     dataset = prepare_data(spec)
     spec = spec_as_run(spec, dataset.note if spec.smoke else None)
+    marks = {"spec and data ready": round(time.time() - started, 2)}
     start_ray(address, dashboard=dashboard, storage=storage)
+    marks["Ray up"] = round(time.time() - started, 2)
     write_spec(results_dir, spec)
     trials = count_trials(spec)
     say(f"{spec.name}: {sum(trials.values())} trials ({', '.join(f'{a} {n}' for a, n in trials.items())}); "
         f"results in {results_dir}")
-    tuner = build_tuner(spec, dataset, storage=storage, verbose=verbose, warm=warm)
+    tuner = build_tuner(spec, dataset, storage=storage, verbose=verbose, warm=warm,
+                        timeline=Timeline(results_dir, started, marks))
     del dataset  # trials read the object store's copy; the driver's own would pay for the data twice
     fit(tuner, spec, results_dir)
     return results_dir
@@ -338,8 +345,6 @@ def notes_said(spec: Spec) -> list[str]:
 def fit(tuner, spec: Spec, experiment_dir: str, resume_dir: str | None = None) -> None:
     """Run the Tuner of `spec`, whose Tune experiment is `experiment_dir`. SweepInterrupted when Ctrl-C stopped it,
     naming `sweep resume` of `resume_dir` (default: the experiment's); else one line about trials that failed."""
-    from sweeps.progress import INTERRUPTED, tune_interrupt_words
-
     INTERRUPTED.clear()
     logging.getLogger("ray.tune.tune").addFilter(tune_interrupt_words)  # added once, however often called
     logging.getLogger("ray.tune.execution.experiment_state").addFilter(snapshot_race)

@@ -18,6 +18,7 @@ from sweeps.spec import dump_spec, validate_spec
 
 SPEC_FILE = "spec.yaml"  # the spec as it was run, beside Tune's own files in every results directory
 VERSIONS_FILE = "versions.json"  # the code and library versions that made the results, beside the spec
+TIMELINE_FILE = "timeline.json"  # seconds from the command's start to each phase (sweeps.progress.Timeline)
 
 
 def write_spec(results_dir: str, spec: Spec) -> None:

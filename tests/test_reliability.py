@@ -116,6 +116,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_results(tmp_path):
     # kill when good_0 has finished and good_1 is midway (the hopeless trials have not started)
     results = kill_beside_a_reference(tmp_path, spec, lambda trials: sorted(map(len, trials.values())) in ([2, 4], [3, 4]))
     at_kill = {name: (results / name / "result.json").read_bytes() for name in trial_results(results)}
+    timeline = (results / "timeline.json").read_bytes()  # the first run's phases, up to its first epoch
     finished, unfinished = sorted(at_kill, key=lambda name: -len(trial_results(results)[name]))
     epochs_at_kill = len(trial_results(results)[unfinished])
     # Ray's workers are not in the driver's process group: the orphaned one trains on for a few seconds,
@@ -152,6 +153,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_results(tmp_path):
     assert f"{name} is gone, superseded by {newer}; resuming from that (copied to {name})" in resumed.stderr
     assert "Error handling checkpoint" not in resumed.stderr  # Tune's records stayed true: it found what it deletes
     assert (results / finished / "result.json").read_bytes() == at_kill[finished], "finished trials stay as they were"
+    assert (results / "timeline.json").read_bytes() == timeline, "a resumed sweep keeps the first run's timeline"
     rows = trial_results(results)[unfinished]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4], "the unfinished trial continues from its checkpoint"
     assert rows[epochs_at_kill]["iterations_since_restore"] == 1 and rows[epochs_at_kill]["pid"] != rows[0]["pid"]

@@ -9,6 +9,7 @@ import json
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
 from results_fixtures import curve_rows, report_sweep, spec_for, write_spec, write_trial
 from test_protocol import _protocol_dir
@@ -19,6 +20,7 @@ from analysis.figures import make_figure
 from analysis.hyperparameter_figures import MIN_IMPORTANCE_TRIALS, _importance_info
 from analysis.plotting import NotApplicable, arm_colours, report_colours
 from analysis.protocol import confirm_info, protocol_tables
+from analysis.report import trial_table
 from analysis.tables import compare
 
 
@@ -185,6 +187,29 @@ def test_time_to_target_counts_training_and_evaluation_not_the_workers_start_up(
     write_report(tmp_path)
     compute = (tmp_path / "report" / "compute.csv").read_text().splitlines()
     assert [line.split(",")[3] for line in compute[1:]] == ["2.52", "2.52"]  # seconds: 3 epochs of 0.84 s each
+
+
+def test_the_report_shows_each_trials_start_up_and_when_the_first_epoch_came(tmp_path):
+    write_spec(tmp_path, spec_for(epochs=2, arms={"first": {}, "second": {}}))
+    for index, arm in enumerate(["first", "second"]):
+        rows = curve_rows(0.9, 2)
+        for row in rows:
+            row.update(epoch_time_s=0.74, eval_time_s=0.1)
+        write_trial(tmp_path, index, {"arm": {"name": arm}}, rows, done=True, startup_s=[7.1, 0.25][index])
+    write_report(tmp_path)
+    assert "Start-up" not in (tmp_path / "report" / "report.html").read_text()  # a sweep that recorded no timeline
+    (tmp_path / "timeline.json").write_text('{"spec and data ready": 3.3, "Ray up": 7.0, "first epoch reported": 11.8, '
+                                            '"all trials done": 18.6}')
+    write_report(tmp_path)
+    trials = pd.read_csv(tmp_path / "report" / "trials.csv")
+    assert trials["startup_s"].tolist() == pytest.approx([7.1, 0.25])  # Ray's clock at epoch 1 less 0.84 s of work
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert ("spec and data ready at 3.3 s, Ray up at 7.0 s, first epoch reported at 11.8 s, all trials done at "
+            "18.6 s after the command began; the trials waited 3.7 s (median) before their first report, 7.1 s the "
+            "longest") in page
+    table = trial_table(load_results(tmp_path))  # the report's "Every trial" table
+    assert table.columns[-1] == "start-up s" and table["start-up s"].tolist() == pytest.approx([7.1, 0.25])
+    assert ">start-up s</th>" in page
 
 
 def test_epochs_between_reports_count_at_the_reported_epochs_training_time(tmp_path):

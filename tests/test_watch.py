@@ -4,6 +4,7 @@ tables under --verbose, are checked on runs of tests/test_sweep_run.py.)"""
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import re
@@ -72,6 +73,15 @@ def test_the_quickstart_in_a_pipe_is_short_and_says_how_each_trial_ended(tmp_pat
     assert (comparison["n_seeds"] == 1).all() and (comparison["epochs_trained"] >= 9).all()
     # The first run says in one sentence what it can and cannot conclude, and which command would.
     assert "Conclusion: one seed per configuration cannot separate the arms" in done.stdout
+    # When each phase ended, from the command's start, and what each trial waited before it trained.
+    marks = json.loads((tmp_path / "quickstart" / "timeline.json").read_text())
+    phases = ["spec and data ready", "Ray up", "first trial started", "first epoch reported", "all trials done"]
+    assert list(marks) == phases and 0 < marks[phases[0]] and [marks[p] for p in phases] == sorted(marks.values())
+    waited = pd.read_csv(tmp_path / "quickstart" / "report" / "trials.csv")["startup_s"]
+    assert waited.notna().all() and (waited > -0.01).all()
+    assert waited.max() > waited.median()  # a trial that started a worker process waited for it; most reuse one
+    report = (tmp_path / "quickstart" / "report" / "report.html").read_text()
+    assert f"first epoch reported at {marks['first epoch reported']:.1f} s, all trials done at " in report
 
 
 def test_a_terminal_gets_a_live_table(tmp_path, tiny_spec):
