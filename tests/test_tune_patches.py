@@ -46,7 +46,8 @@ def test_a_snapshot_upload_racing_the_searchers_temporary_file_is_not_printed():
     assert "tmp" in inspect.getsource(_atomic_save)
     assert experiment_state.logger.name == "ray.tune.execution.experiment_state"
     message = "Saving experiment state to storage at '/results/sweep' failed with exception: "
-    assert '"Saving experiment state to storage at "' in inspect.getsource(experiment_state._ExperimentCheckpointManager.sync_up_experiment_state)
+    saving = inspect.getsource(experiment_state._ExperimentCheckpointManager.sync_up_experiment_state)
+    assert '"Saving experiment state to storage at "' in saving
 
     def record(error: Exception, text: str = message) -> logging.LogRecord:
         try:

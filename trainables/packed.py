@@ -31,7 +31,7 @@ from torch.optim.sgd import sgd
 
 from trainables.data import Dataset, to_device
 from trainables.settings import resolve_settings
-from trainables.train import Trial, load_checkpoint, training_split
+from trainables.train import Trial, load_checkpoint, scores, training_split
 
 ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.Dropout, nn.Identity)  # any layout
 POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)  # per channel, on (B, K*C, H, W)
@@ -343,6 +343,29 @@ def packed_epoch(trials: Sequence[Any]) -> list[tuple[float, float, int]]:
     return [(loss, acc, seen) for loss, acc in zip((loss_sum / seen).tolist(), (correct / seen).tolist())]
 
 
+@torch.no_grad()
+def packed_evaluation(trials: Sequence[Trial], reporting: dict[int, tuple[bool, bool]]) -> dict[int, dict[str, Any]]:
+    """The members that report after this epoch (`reporting`: index -> `Trial.reports_after`), evaluated together:
+    one vectorised pass over each split (validation, the training sample, and the test split for those that end),
+    which every member of a pack shares, instead of one pass per member. Index -> split -> `scores`."""
+    evaluated = {i: {} for i, (report, _) in reporting.items() if report}
+    for split in ("val", "fit", "test"):
+        members = [i for i in evaluated if split != "test" or reporting[i][1]]
+        if not members or trials[members[0]].loader(split) is None:  # nobody to evaluate, or no test split
+            continue
+        lead, loader = trials[members[0]], trials[members[0]].loader(split)
+        model = PackedModel([trials[i].model for i in members]).eval()
+        logits, labels = [], []
+        for x, y in loader:
+            with lead.autocast():
+                logits.append(model(x.expand(len(members), *x.shape)).float())
+            labels.append(y)
+        logits, labels = torch.cat(logits, dim=1), torch.cat(labels)
+        for i, member_logits in zip(members, logits):
+            evaluated[i][split] = scores(member_logits, labels, lead.loss_fn, lead.num_classes)
+    return evaluated
+
+
 # --- what a pack worker (trainables.member.PackWorker) runs in its own process ----------------------------------
 
 def member_trial(source: Dataset, on_device: dict, base: dict[str, dict[str, Any]], config: dict[str, Any],
@@ -371,9 +394,14 @@ def train_round(batch: dict[str, Trial]) -> dict[str, tuple[dict[str, Any], byte
     start = time.perf_counter()
     stats = packed_epoch(trials)
     epoch_time = time.perf_counter() - start  # the pack's: each member reports its share of images in it
+    reporting = {i: trial.reports_after(loss) for i, (trial, (loss, _, _)) in enumerate(zip(trials, stats))}
+    start = time.perf_counter()
+    evaluated = packed_evaluation(trials, reporting)
+    eval_time = time.perf_counter() - start  # the pack's, as epoch_time is
     reports = {}
-    for trial_id, trial, lr, (loss, acc, seen) in zip(batch, trials, lrs, stats):
-        result = trial.end_epoch(loss, acc, seen, epoch_time, lr)
+    for i, (trial_id, trial, lr, (loss, acc, seen)) in enumerate(zip(batch, trials, lrs, stats)):
+        result = trial.end_epoch(loss, acc, seen, epoch_time, lr, evaluated.get(i),
+                                 eval_time if i in evaluated else 0.0)
         if result is None:
             reports[trial_id] = None
             continue

@@ -187,7 +187,11 @@ def evaluate(model: torch.nn.Module, loader: Loader, loss_fn, num_classes: int, 
         with autocast():
             logits.append(model(x).float())
         labels.append(y)
-    logits, labels = torch.cat(logits), torch.cat(labels)
+    return scores(torch.cat(logits), torch.cat(labels), loss_fn, num_classes)
+
+
+def scores(logits: torch.Tensor, labels: torch.Tensor, loss_fn, num_classes: int) -> dict[str, Any]:
+    """`evaluate`'s measures of a split's logits (a pack evaluates its members together, then scores each)."""
     preds = predictions(logits)
     return {
         "loss": loss_fn(logits, labels).item(),
@@ -282,21 +286,38 @@ class Trial:
         return train_epoch(self.model, self.train_loader, self.optimizer, self.loss_fn, scaler=self.scaler,
                            autocast=self.autocast, l2_penalty=self.optim_cfg["l2_penalty"])
 
-    def end_epoch(self, running_loss: float, running_acc: float, seen: int, epoch_time: float,
-                  lr: float) -> Report | None:
+    def reports_after(self, running_loss: float) -> tuple[bool, bool]:
+        """For the epoch just trained, with this mean training loss, before `end_epoch` books it: (whether it ends
+        in a report, whether it is the trial's last)."""
+        epoch = self.epoch + 1
+        last = not np.isfinite(running_loss) or epoch >= self.train_cfg["epochs"]
+        return last or epoch % self.train_cfg["report_every"] == 0, last
+
+    def loader(self, split: str) -> Loader | None:
+        """The loader of a split: "val", "fit" (the training sample) or "test" (None without a test split)."""
+        return {"val": self.val_loader, "fit": self.fit_loader, "test": self.test_loader}[split]
+
+    def evaluate(self, split: str) -> dict[str, Any]:
+        """`evaluate` of this trial's model on a split (see `loader`)."""
+        return evaluate(self.model, self.loader(split), self.loss_fn, self.num_classes, self.autocast)
+
+    def end_epoch(self, running_loss: float, running_acc: float, seen: int, epoch_time: float, lr: float,
+                  evaluated: dict[str, dict[str, Any]] | None = None, eval_time: float = 0.0) -> Report | None:
         """Book an epoch just trained (at learning rate `lr`, taking `epoch_time` s): step the schedule, and on a
-        report epoch measure it. Returns what to report, or None between reports."""
+        report epoch measure it (`evaluated`: the splits' `scores` where a pack measured its members together, in
+        `eval_time` s). Returns what to report, or None between reports."""
+        report, last = self.reports_after(running_loss)
         self.epoch += 1
         epoch = self.epoch
         if self.schedule:
             self.schedule.step()
         self.diverged = not np.isfinite(running_loss)
-        last = self.finished
-        if not (last or epoch % self.train_cfg["report_every"] == 0):
+        if not report:
             return None  # an epoch between reports: no validation, nothing sent to Tune
         started = time.perf_counter()
-        val = evaluate(self.model, self.val_loader, self.loss_fn, self.num_classes, self.autocast)
-        fit = evaluate(self.model, self.fit_loader, self.loss_fn, self.num_classes, self.autocast)  # as val is
+        evaluated = evaluated or {}
+        val = evaluated.get("val") or self.evaluate("val")
+        fit = evaluated.get("fit") or self.evaluate("fit")  # as val is
         metrics = {
             "epoch": epoch,
             "train_loss": fit["loss"],
@@ -320,9 +341,9 @@ class Trial:
             metrics["classes"] = self.classes
             metrics.update({f"class_{k}": v for k, v in per_class_scores(val["confusion"]).items()})
             if self.test_loader is not None:  # a diverged trial too: its test score is a result
-                test = evaluate(self.model, self.test_loader, self.loss_fn, self.num_classes, self.autocast)
+                test = evaluated.get("test") or self.evaluate("test")
                 metrics["test_loss"], metrics["test_acc"] = test["loss"], test["acc"]
-        metrics["eval_time_s"] = time.perf_counter() - started
+        metrics["eval_time_s"] = eval_time + time.perf_counter() - started
         save = None
         if not self.diverged and (last or epoch % self.train_cfg["checkpoint_every"] == 0):
             state = checkpoint_state(epoch, self.model, self.optimizer, self.schedule, self.scaler, self.train_loader,
