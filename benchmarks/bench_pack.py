@@ -10,7 +10,7 @@ checkpoint every epoch (the defaults). A variant sets `pack`, `cpu` and `gpu` (p
 for 1/K each), `amp` (none, bf16, fp16) and `channels_last` (true/false). Columns:
 - wall: `sweep run` from start to exit, the number a user waits for (wall ratio: the first variant's over this);
 - start: until the first epoch was reported (Ray, the trial actors, the data);
-- train: from the first epoch reported to the last, by the rows' own timestamps (whole seconds);
+- train: from the first epoch reported until all trials were done (both from the sweep's timeline.json);
 - epochs/s: trial-epochs per second of `train`; ratio: against the first variant of the same net.
 
 Trials without a GPU pack here although `sweep run` would not pack them (sweeps.schema.PACK_ON_CPU): measuring that
@@ -67,21 +67,9 @@ def sweep_spec(net: str, variant: dict, args) -> dict:
     }
 
 
-def reported(results: Path) -> list[dict]:
-    rows = []
-    for result in results.glob("*/result.json"):
-        for line in result.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:  # a line still being written
-                pass
-    return rows
-
-
 def run(net: str, variant: dict, args, folder: Path) -> dict:
-    """One `sweep run`: its wall time, and when its first and last epochs were reported. From the rows' own
-    `timestamp` (whole seconds, when the trial reported): the results directory's files arrive later, as Tune
-    syncs them from the driver's staging folder."""
+    """One `sweep run`: its wall time, and from its timeline.json (seconds since the command began) when its first
+    epoch was reported and when all trials were done."""
     spec = folder / "spec.yaml"
     spec.write_text(yaml.safe_dump(sweep_spec(net, variant, args), sort_keys=False))
     start = time.time()
@@ -91,11 +79,11 @@ def run(net: str, variant: dict, args, folder: Path) -> dict:
     wall = time.time() - start
     if done.returncode:
         sys.exit(f"{net} {label(variant)}: sweep run failed\n{done.stderr[-3000:]}")
-    rows = reported(folder / "bench")
-    first, last = min(r["timestamp"] for r in rows), max(r["timestamp"] for r in rows)
-    train = last - first + 1  # whole seconds: the first epoch's second counts
-    return {"net": net, "variant": label(variant), "wall_s": wall, "start_s": first - start, "train_s": train,
-            "epochs_per_s": len(rows) / train}
+    marks = json.loads((folder / "bench" / "timeline.json").read_text())
+    first, last = marks["first epoch reported"], marks["all trials done"]
+    epochs = sum(len(result.read_text().splitlines()) for result in (folder / "bench").glob("*/result.json"))
+    return {"net": net, "variant": label(variant), "wall_s": wall, "start_s": first, "train_s": last - first,
+            "epochs_per_s": epochs / (last - first)}
 
 
 def main() -> None:
