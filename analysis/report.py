@@ -266,7 +266,8 @@ def _page(results: Results, comparison: Comparison, reference: pd.DataFrame | No
 TRIALS_TEXT = ("One row per trial: its status, the epochs it ran, the settings that vary in this sweep, its final "
                "metrics (an early-stopped trial's at its last epoch) and its start-up: the seconds Ray counted "
                "before its first report that were not training or evaluation (the data, the model, a new worker's "
-               "first torch calls; a new worker's process start comes before Ray's clock, see Start-up above). "
+               "first torch calls; a new worker's process start comes before Ray's clock: the Start-up line at the top "
+               "has it). "
                "Click a header to sort.")
 def trial_table(results: Results) -> pd.DataFrame:
     """The trials as the report lists them: id, arm, status, epochs, the settings that vary, final metrics, and the

@@ -7,7 +7,7 @@ The sweep: --trials trials (half SGD with momentum, half Adam, learning rates sp
 (--nets: `mlp` is the quickstart's 784-256-128-10, `cnn` is lenet_cifar's two convolutions and three linear
 layers) on the embedded mnist5k (3,600 training images, batch 64), --epochs epochs each, FIFO, a report and a
 checkpoint every epoch (the defaults). A variant sets `pack`, `cpu` and `gpu` (per trial: a pack's members ask
-for 1/K each), `amp` (none, bf16, fp16) and `channels_last` (true/false). Columns:
+for 1/K each), `amp` (none, bf16, fp16), `channels_last` and `compile` (true/false). Columns:
 - wall: `sweep run` from start to exit, the number a user waits for (wall ratio: the first variant's over this);
 - start: until the first epoch was reported (Ray, the trial actors, the data);
 - train: from the first epoch reported until all trials were done (both from the sweep's timeline.json);
@@ -38,7 +38,7 @@ from sweeps.schema import PACK_ON_CPU
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {"mlp": {"name": "mlp", "hidden_sizes": [256, 128]}, "cnn": {"name": "lenet_cifar"}}
-DEFAULTS = {"pack": 1, "cpu": 1.0, "gpu": 0.0, "amp": "none", "channels_last": False}
+DEFAULTS = {"pack": 1, "cpu": 1.0, "gpu": 0.0, "amp": "none", "channels_last": False, "compile": False}
 
 
 def parse_variant(text: str) -> dict:
@@ -59,7 +59,8 @@ def sweep_spec(net: str, variant: dict, args) -> dict:
         "name": "bench",
         "data": {"name": "mnist5k", "batch_size": 64},
         "model": MODELS[net],
-        "train": {"epochs": args.epochs, "amp": variant["amp"], "channels_last": variant["channels_last"]},
+        "train": {"epochs": args.epochs, "amp": variant["amp"], "channels_last": variant["channels_last"],
+                  "compile": variant["compile"]},
         "arms": {"sgd": {"optimizer": "sgd", "momentum": 0.9, "lr": {"grid": [x * 10 for x in lrs]}},
                  "adam": {"optimizer": "adam", "lr": {"grid": lrs}}},
         "search": {"algorithm": "grid"},
@@ -90,7 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="pack=1;pack=2;pack=4;pack=8;pack=16",
                         help="semicolon-separated; each a comma-separated key=value list (pack, cpu, gpu, amp, "
-                             "channels_last); the first is the baseline")
+                             "channels_last, compile); the first is the baseline")
     parser.add_argument("--nets", default="mlp", help="comma-separated: mlp, cnn")
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=20)

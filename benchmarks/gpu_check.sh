@@ -18,7 +18,7 @@ print(f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torc
 PY
 cpus=$(python -c "import os; print(max(1, os.cpu_count() // 2))")
 python benchmarks/bench_pack.py --nets mlp,cnn --trials 64 --epochs 3 --variants \
-"gpu=1;gpu=0.125;gpu=0.125,amp=bf16;gpu=0.125,amp=fp16;gpu=0.125,channels_last=true;\
+"gpu=1;gpu=0.125;gpu=0.125,amp=bf16;gpu=0.125,amp=fp16;gpu=0.125,channels_last=true;gpu=1,compile=true;\
 pack=8,gpu=1,cpu=${cpus};pack=64,gpu=1,cpu=${cpus};pack=64,gpu=1,cpu=${cpus},amp=bf16"
 # Start-up: seconds from `sweep run` to Ray up and to the first reported epoch (the bundle has no dashboard).
 python benchmarks/bench_startup.py --repeats 1 --no-dashboard

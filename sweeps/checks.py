@@ -209,7 +209,7 @@ def _check_subsets(spec: Spec, shared: dict[str, Value], arms: dict[str, dict[st
 
 def run_notes(spec: Spec) -> list[str]:
     """What the user should know before the run: a batch larger than the training split is one batch per epoch;
-    `resources.pack` is off for trials on CPUs (`Resources.pack_size`)."""
+    `resources.pack` is off for trials on CPUs (`Resources.pack_size`); a pack does not compile."""
     pool, _ = split_sizes(spec.data.name, val_split=spec.data.val_split)
     shared, notes = spec.space_settings(), []
     for arm, own in spec.arm_settings().items():
@@ -229,6 +229,8 @@ def run_notes(spec: Spec) -> list[str]:
                      f"than unpacked ones; it packs trials on GPUs (resources.gpu > 0)" if r.pack_size() == 1 else
                      f"resources.pack: {r.pack} on CPUs ({PACK_ON_CPU}=1): slower than unpacked here, for developing "
                      "and testing packing")
+    if spec.train.compile and r.pack_size() > 1:
+        notes.append("train.compile: packed trials train their pack uncompiled")
     return notes
 
 

@@ -167,6 +167,7 @@ class TrainSettings(Strict):
     amp: Literal["none", "bf16", "fp16"] = "none"       # mixed-precision autocast on CUDA (ignored on CPU)
     channels_last: bool = False                         # NHWC memory format for CNNs on CUDA
     cudnn_benchmark: bool = False                       # let cuDNN pick the fastest conv algorithms
+    compile: bool = False                               # torch.compile the model; on CUDA as CUDA graphs (see README)
 
     @model_validator(mode="after")
     def _check(self) -> TrainSettings:

@@ -212,6 +212,10 @@ def test_a_pack_is_off_for_trials_on_cpus_unless_asked_and_says_so(monkeypatch, 
     assert (on_cpu.resources.pack_size(), on_gpu.resources.pack_size()) == (1, 4)
     assert any(n.startswith("resources.pack: 4 is off: these trials train on CPUs") for n in run_notes(on_cpu))
     assert not any("resources.pack" in n for n in run_notes(on_gpu))
+    compiled = {**TINY, "train": {**TINY.get("train", {}), "compile": True}}  # compiled alone, not as a pack
+    notes = [run_notes(validate_spec({**compiled, "resources": {"pack": 4, "gpu": gpu}}, "s")) for gpu in (0, 0.5)]
+    assert "train.compile: packed trials train their pack uncompiled" in notes[1] and not any("compile" in n
+                                                                                              for n in notes[0])
     spec = str(write_spec(tmp_path, {**TINY, "resources": {"pack": 4}}))
     assert main(["validate", spec]) == 0  # in this process: tests/test_bad_inputs.py runs a real one
     checked = capsys.readouterr().out

@@ -188,3 +188,31 @@ def test_each_report_times_its_evaluation_apart_from_the_epochs_training(tiny_sp
     reports = [trial.end_epoch(*trial.train_epoch(), 1.0, trial.lr).metrics for _ in range(2)]
     assert [r["epoch_time_s"] for r in reports] == [1.0, 1.0]
     assert all(0 < r["eval_time_s"] < 30 for r in reports) and "eval_time_s" in EPOCH_METRICS
+
+
+@pytest.mark.slow
+def test_a_compiled_trial_trains_as_it_would_uncompiled_and_its_checkpoint_resumes_uncompiled(tiny_spec):
+    # train.compile trains and evaluates through torch.compile's twin of the model (on CUDA, CUDA graphs): the same
+    # weights, so the same numbers up to float sums in another order, and a checkpoint an uncompiled trial can take.
+    data = load_dataset("mnist5k", train_subset=400)
+    reports, trials, buffer = {}, {}, io.BytesIO()
+    for compiled in (False, True):
+        settings = trial_settings(tiny_spec, {"train.epochs": 2, "train.compile": compiled})
+        trial = trials[compiled] = Trial(settings, data, torch.device("cpu"), loaded_subset=400, trial_id="t1")
+        reports[compiled] = [trial.end_epoch(*trial.train_epoch(), 1.0, trial.lr)]
+        if compiled:
+            reports[True][0].save(buffer)  # a checkpoint is written as its report is made
+        reports[compiled].append(trial.end_epoch(*trial.train_epoch(), 1.0, trial.lr))
+    assert trials[True].net is not trials[True].model and trials[False].net is trials[False].model
+    for eager, compiled in zip(reports[False], reports[True]):
+        assert compiled.metrics.keys() == eager.metrics.keys()
+        for key in ("train_loss_running", "train_loss", "val_loss", "val_acc", "weight_l2", "test_loss", "test_acc"):
+            if key in eager.metrics:  # the test split at the last epoch
+                assert compiled.metrics[key] == pytest.approx(eager.metrics[key], rel=1e-4), key
+    assert "test_loss" in reports[True][-1].metrics
+    state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    resumed = Trial(trial_settings(tiny_spec, {"train.epochs": 2}), data, torch.device("cpu"), loaded_subset=400,
+                    trial_id="t1", state=state)
+    assert resumed.epoch == 1
+    again = resumed.end_epoch(*resumed.train_epoch(), 1.0, resumed.lr).metrics
+    assert again["val_loss"] == pytest.approx(reports[False][1].metrics["val_loss"], rel=1e-4)

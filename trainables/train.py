@@ -185,7 +185,8 @@ def evaluate(model: torch.nn.Module, loader: Loader, loss_fn, num_classes: int, 
     labels = []
     for x, y in loader:
         with autocast():
-            logits.append(model(x).float())
+            # a copy: a model compiled to CUDA graphs (train.compile) writes every batch's logits to one buffer
+            logits.append(model(x).float().clone())
         labels.append(y)
     return scores(torch.cat(logits), torch.cat(labels), loss_fn, num_classes)
 
@@ -241,6 +242,10 @@ class Trial:
                                   num_classes=dataset.num_classes, image_size=image_size,
                                   **{k: v for k, v in model_cfg.items() if k != "name"})
         self.model = self.model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        # What trains and evaluates: the model, or (train.compile) its compiled twin, which shares its weights. On
+        # CUDA "reduce-overhead" replays each step's kernels as one CUDA graph: a small model's step is launch-bound.
+        self.net = (torch.compile(self.model, mode="reduce-overhead" if on_cuda else "default")
+                    if train_cfg["compile"] else self.model)
         self.optimizer = create_optimizer(self.model.parameters(), **optim_cfg)
         self.schedule = create_schedule(self.optimizer, schedule=optim_cfg["schedule"],
                                         milestones=optim_cfg["milestones"], gamma=optim_cfg["gamma"],
@@ -283,7 +288,7 @@ class Trial:
 
     def train_epoch(self) -> tuple[float, float, int]:
         """One epoch of this trial alone: (mean training loss, accuracy, images seen)."""
-        return train_epoch(self.model, self.train_loader, self.optimizer, self.loss_fn, scaler=self.scaler,
+        return train_epoch(self.net, self.train_loader, self.optimizer, self.loss_fn, scaler=self.scaler,
                            autocast=self.autocast, l2_penalty=self.optim_cfg["l2_penalty"])
 
     def reports_after(self, running_loss: float) -> tuple[bool, bool]:
@@ -299,7 +304,7 @@ class Trial:
 
     def evaluate(self, split: str) -> dict[str, Any]:
         """`evaluate` of this trial's model on a split (see `loader`)."""
-        return evaluate(self.model, self.loader(split), self.loss_fn, self.num_classes, self.autocast)
+        return evaluate(self.net, self.loader(split), self.loss_fn, self.num_classes, self.autocast)
 
     def end_epoch(self, running_loss: float, running_acc: float, seen: int, epoch_time: float, lr: float,
                   evaluated: dict[str, dict[str, Any]] | None = None, eval_time: float = 0.0) -> Report | None:
@@ -356,6 +361,7 @@ def train_trial(config: dict[str, Any], *, base: dict[str, dict[str, Any]], data
     """Ray Tune function trainable. See the module docstring for the contract."""
     settings = resolve_settings(base, config)
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a "Checkpoint successfully created" per epoch
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # train.compile on a CPU: "No CUDA runtime"
     set_threads()
     device = pick_device(settings["train"]["device"], assigned_gpus(), torch.cuda.is_available())
     trial = Trial(settings, dataset, device, loaded_subset=base["data"]["train_subset"],
