@@ -102,8 +102,8 @@ def compute_seconds(epochs: pd.DataFrame) -> pd.Series:
     """Per epoch row: the seconds its trial spent training and evaluating up to the end of that epoch, from what the
     trial reports (`epoch_time_s`, the epoch's training, and `eval_time_s`, the report's evaluation).
 
-    Not Ray's `time_total_s`: that starts when the trial's worker process does, so the first trial on each worker
-    is charged the worker's start-up (7.1 s at epoch 1 for a 0.74 s epoch, on quickstart). Epochs between two
+    Not Ray's `time_total_s`: that also counts what a trial waited for before its first epoch
+    (`trial_startup_seconds`), which the first trial on a worker pays and the next ones do not. Epochs between two
     reports (`train.report_every` > 1) are counted at the reported epoch's training time; results written before
     trials reported `eval_time_s` count training only. NaN where a trial reported no `epoch_time_s`."""
     if epochs.empty or "epoch_time_s" not in epochs:
@@ -119,8 +119,9 @@ def compute_seconds(epochs: pd.DataFrame) -> pd.Series:
 def trial_startup_seconds(results: Results) -> pd.Series:
     """Per trial (indexed by trial_id): the seconds Ray counted up to its first report beyond that report's training
     and evaluation (`compute_seconds`): what the trial waited for in its worker before it trained (its data, its
-    model, a new worker's first torch calls). Ray's clock starts once the worker holds the trial's actor, so a new
-    worker process's own start is not in it (timeline.json shows that)."""
+    model, a new worker's first torch calls; for a packed trial, its pack worker's start and the round it joined).
+    Ray's clock starts once the worker holds the trial's actor, so a new worker process's own start is not in it
+    (timeline.json shows that)."""
     epochs = results.epochs
     if epochs.empty or "epoch_time_s" not in epochs:
         return pd.Series(np.nan, index=results.trials["trial_id"], dtype=float)

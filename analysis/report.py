@@ -266,16 +266,16 @@ def _page(results: Results, comparison: Comparison, reference: pd.DataFrame | No
 TRIALS_TEXT = ("One row per trial: its status, the epochs it ran, the settings that vary in this sweep, its final "
                "metrics (an early-stopped trial's at its last epoch) and its start-up: the seconds Ray counted "
                "before its first report that were not training or evaluation (the data, the model, a new worker's "
-               "first torch calls; a new worker's process start comes before Ray's clock: the Start-up line at the top "
-               "has it). "
-               "Click a header to sort.")
+               "first torch calls, a packed trial's wait for its pack; a new worker's process start comes before "
+               "Ray's clock: the Start-up line at the top has it). Click a header to sort.")
 def trial_table(results: Results) -> pd.DataFrame:
     """The trials as the report lists them: id, arm, status, epochs, the settings that vary, final metrics, and the
     seconds each waited before it trained (`analysis.budget.trial_startup_seconds`)."""
     trials = results.trials.assign(startup_s=trial_startup_seconds(results).round(2).to_numpy())
     settings = [h for h in results.hyperparameters if trials[h].nunique(dropna=False) > 1]
     metrics = [f"final_{m}" for m in dict.fromkeys([*results.search_metrics, "val_acc", "val_loss", "test_acc"])]
-    columns = ["trial_id", "arm", "status", "epochs_run", *settings, *(m for m in metrics if m in trials), "startup_s"]
+    timed = ["startup_s"] if trials["startup_s"].notna().any() else []  # results from before trials timed epochs
+    columns = ["trial_id", "arm", "status", "epochs_run", *settings, *(m for m in metrics if m in trials), *timed]
     return trials[columns].rename(columns={"epochs_run": "epochs", "startup_s": "start-up s"})
 
 
@@ -318,11 +318,11 @@ def _facts(results: Results, comparison: Comparison) -> str:
 
 def _startup_fact(marks: dict[str, float], trials: pd.Series) -> str:
     """The run's phases (timeline.json: seconds since `sweep run` began) and the trials' own start-up, as one line."""
-    said = ", ".join(f"{phase} at {seconds:.1f} s" for phase, seconds in marks.items())
+    said = ", ".join(f"{phase} at {seconds:.1f} s" for phase, seconds in marks.items()) + " after the command began"
     waited = trials.dropna()
     if len(waited):
-        said += (f" after the command began; the trials waited {np.median(waited):.1f} s (median) before their first "
-                 f"report, {waited.max():.1f} s the longest")
+        said += (f"; the trials waited {np.median(waited):.1f} s (median) before their first report, "
+                 f"{waited.max():.1f} s the longest")
     return said
 
 

@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import re
+import shutil
 from typing import Any
 
 from sweeps.schema import (
@@ -209,7 +210,8 @@ def _check_subsets(spec: Spec, shared: dict[str, Value], arms: dict[str, dict[st
 
 def run_notes(spec: Spec) -> list[str]:
     """What the user should know before the run: a batch larger than the training split is one batch per epoch;
-    `resources.pack` is off for trials on CPUs (`Resources.pack_size`); a pack does not compile."""
+    `resources.pack` is off for trials on CPUs (`Resources.pack_size`); `train.compile` where a pack or no C compiler
+    would keep it from working."""
     pool, _ = split_sizes(spec.data.name, val_split=spec.data.val_split)
     shared, notes = spec.space_settings(), []
     for arm, own in spec.arm_settings().items():
@@ -229,8 +231,13 @@ def run_notes(spec: Spec) -> list[str]:
                      f"than unpacked ones; it packs trials on GPUs (resources.gpu > 0)" if r.pack_size() == 1 else
                      f"resources.pack: {r.pack} on CPUs ({PACK_ON_CPU}=1): slower than unpacked here, for developing "
                      "and testing packing")
-    if spec.train.compile and r.pack_size() > 1:
-        notes.append("train.compile: packed trials train their pack uncompiled")
+    arms = spec.arm_settings().values()
+    if spec.train.compile or any(s.get("train.compile") not in (None, False) for s in [shared, *arms]):
+        if r.pack_size() > 1:
+            notes.append("train.compile: packed trials train their pack uncompiled")
+        if not (shutil.which("cc") or shutil.which("gcc")):
+            notes.append("train.compile: torch.compile needs a C compiler where trials train, and this machine has "
+                         "none (install gcc)")
     return notes
 
 

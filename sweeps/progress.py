@@ -19,6 +19,7 @@ from typing import Any
 from ray import tune
 
 from analysis.outcome import planned_epochs, stopped_early
+from sweeps.console import say
 from sweeps.schema import Domain, Spec, count_trials
 from sweeps.storage import TIMELINE_FILE, write_text
 
@@ -36,23 +37,22 @@ def tune_interrupt_words(record: logging.LogRecord) -> bool:
         return False
     return not (INTERRUPTED.is_set() and message.startswith(("Experiment has been interrupted",
                                                                "Trials did not complete")))
+
+
 class Timeline(tune.Callback):
     """When a sweep's phases ended, in seconds since its command began: `marks` brings those the runner saw (spec and
     data ready, Ray up), this adds the first trial started, the first epoch reported and all trials done, as Tune
     reports them. Written to timeline.json in the results directory at each mark; the report shows it. It is the
-    first run's: a resumed sweep leaves it as it was (Tune restores this callback with `set_state`)."""
+    first run's: `sweep resume` unpickles this callback with the Tuner, and the copy writes nothing."""
 
     def __init__(self, results_dir: str, started: float, marks: dict[str, float]):
         self.results_dir, self.started, self.marks, self.resumed = results_dir, started, dict(marks), False
 
-    def get_state(self) -> dict:
-        return {"marks": dict(self.marks)}  # not empty: Tune saves only a state that is
-
-    def set_state(self, state: dict) -> None:
-        self.resumed = True
+    def __setstate__(self, state: dict) -> None:
+        vars(self).update(state, resumed=True)
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
-        if "first trial started" not in self.marks:  # Tune asked Ray for its actor
+        if "first trial started" not in self.marks:  # its actor is up in a worker
             self._mark("first trial started")
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
@@ -60,14 +60,17 @@ class Timeline(tune.Callback):
             self._mark("first epoch reported")
 
     def on_experiment_end(self, trials: list, **info) -> None:
-        if not INTERRUPTED.is_set():
+        if not INTERRUPTED.is_set() and all(t.status in ENDED for t in trials):  # Tune ends here on a crash too
             self._mark("all trials done")
 
     def _mark(self, phase: str) -> None:
         if self.resumed:
             return
         self.marks[phase] = round(time.time() - self.started, 2)
-        write_text(f"{self.results_dir}/{TIMELINE_FILE}", json.dumps(self.marks, indent=2) + "\n")
+        try:
+            write_text(f"{self.results_dir}/{TIMELINE_FILE}", json.dumps(self.marks, indent=2) + "\n")
+        except OSError as err:  # a record of the run, not the run: never what stops it
+            say(f"note: could not write {TIMELINE_FILE} ({err})")
 
 
 MARKS = {"*": "still running: its latest value", "†": "ended early (stopped, diverged or failed): its last value"}

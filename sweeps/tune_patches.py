@@ -4,6 +4,7 @@ when it can go. tests/test_tune_patches.py fails if Ray's own behaviour changes 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -74,7 +75,10 @@ def snapshot_race(record: logging.LogRecord) -> bool:
     when Tune skips temporary files in that upload (tests/test_tune_patches.py notices the message changing)."""
     error = record.exc_info[1] if record.exc_info else None
     return not (record.getMessage().startswith("Saving experiment state to storage") and error is not None
-                and "-tmp-" in str(error) and "No such file" in str(error))
+                and TEMPORARY_FILE.search(str(error)) is not None and "No such file" in str(error))
+
+
+TEMPORARY_FILE = re.compile(r"/\.[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}-tmp-")  # Tune's `_atomic_save`: .<uuid4>-tmp-
 
 
 def relink(obj, live: dict, seen: set | None = None):

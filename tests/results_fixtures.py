@@ -34,8 +34,8 @@ def write_trial(results_dir: Path, index: int, config: dict, rows: list[dict], *
     missing); Ray's own keys are added as Ray writes them. `done` marks the last row as Ray does when
     the trial ends normally or ASHA stops it; `error` writes Ray's error.txt with `failures` failures (by
     default one more than the default run.max_failures of 2: failed for good); `half_line` appends a
-    half-written line; `startup_s` is the start-up of the worker process that Ray's clock (`time_total_s`)
-    charges to the first trial a worker runs."""
+    half-written line; `startup_s` is what the trial waited before its first epoch, which Ray's clock
+    (`time_total_s`) counts (analysis.budget.trial_startup_seconds)."""
     trial_id = f"{EXPERIMENT}_{index:05d}"
     arm = config.get("arm", {}).get("name", "default")
     seed = config.get("train.seed", 0)

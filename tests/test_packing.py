@@ -26,7 +26,7 @@ from sweeps.spec import validate_spec
 from trainables.data import load_dataset
 from trainables.member import pack_key
 from trainables.optim import add_l2_penalty_grad, create_optimizer
-from trainables.packed import PackedModel, PackedOptimizer, packed_epoch, train_round
+from trainables.packed import PackedModel, PackedOptimizer, packed_epoch, packed_evaluation, train_round
 from trainables.train import Trial
 
 # Per-member settings for each optimizer: weight decay, momentum, nesterov, betas, eps, the L2 penalty and schedules.
@@ -161,6 +161,19 @@ def test_dropout_draws_differ_from_member_to_member():
     torch.testing.assert_close(out[0], out[1])
 
 
+def test_a_packed_member_is_charged_the_evaluation_passes_it_was_in():
+    # Members report together, but only one that ends has its test split evaluated: that pass is its alone.
+    data = load_dataset("mnist5k", train_subset=600)
+    ending, going_on = (Trial(trial_settings(TINY, {"train.epochs": epochs, "train.seed": epochs}), data, CPU,
+                              loaded_subset=600, trial_id=f"t{epochs}") for epochs in (1, 2))
+    evaluated, seconds = packed_evaluation([ending, going_on], {0: (True, True), 1: (True, False)})
+    assert set(evaluated[0]) == {"val", "fit", "test"} and set(evaluated[1]) == {"val", "fit"}
+    assert seconds[0] > seconds[1] > 0  # the same validation and training-sample passes, and the test pass
+    reports = train_round({"ending": ending, "going_on": going_on})
+    (ended, _, done), (reported, _, _) = reports["ending"], reports["going_on"]
+    assert done and "test_acc" in ended and "test_acc" not in reported and reported["eval_time_s"] > 0
+
+
 def _state(report) -> dict:
     buffer = io.BytesIO()
     report.save(buffer)
@@ -212,10 +225,15 @@ def test_a_pack_is_off_for_trials_on_cpus_unless_asked_and_says_so(monkeypatch, 
     assert (on_cpu.resources.pack_size(), on_gpu.resources.pack_size()) == (1, 4)
     assert any(n.startswith("resources.pack: 4 is off: these trials train on CPUs") for n in run_notes(on_cpu))
     assert not any("resources.pack" in n for n in run_notes(on_gpu))
-    compiled = {**TINY, "train": {**TINY.get("train", {}), "compile": True}}  # compiled alone, not as a pack
+    compiled = {**TINY, "arms": {"a": {"train.compile": True}}}  # compiled alone, not as a pack
     notes = [run_notes(validate_spec({**compiled, "resources": {"pack": 4, "gpu": gpu}}, "s")) for gpu in (0, 0.5)]
-    assert "train.compile: packed trials train their pack uncompiled" in notes[1] and not any("compile" in n
-                                                                                              for n in notes[0])
+    assert "train.compile: packed trials train their pack uncompiled" in notes[1]
+    assert not any("packed trials train their pack uncompiled" in n for n in notes[0])
+    no_compiler = "train.compile: torch.compile needs a C compiler where trials train, and this machine has none"
+    assert not any(n.startswith(no_compiler) for n in notes[0])  # gcc is here
+    with monkeypatch.context() as bare:
+        bare.setenv("PATH", str(tmp_path))  # a machine without one
+        assert any(n.startswith(no_compiler) for n in run_notes(validate_spec(compiled, "s")))
     spec = str(write_spec(tmp_path, {**TINY, "resources": {"pack": 4}}))
     assert main(["validate", spec]) == 0  # in this process: tests/test_bad_inputs.py runs a real one
     checked = capsys.readouterr().out

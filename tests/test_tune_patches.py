@@ -43,7 +43,7 @@ def test_a_snapshot_upload_racing_the_searchers_temporary_file_is_not_printed():
     # Why snapshot_race exists: the searcher saves through a temporary file beside the state Tune uploads in the
     # background, and Tune logs a failed upload, traceback and all, under this message.
     assert "tmp_file_name" in inspect.getsource(BasicVariantGenerator.save_to_dir)
-    assert "tmp" in inspect.getsource(_atomic_save)
+    assert 'f".{str(uuid.uuid4())}-{tmp_file_name}"' in inspect.getsource(_atomic_save)  # tune_patches.TEMPORARY_FILE
     assert experiment_state.logger.name == "ray.tune.execution.experiment_state"
     message = "Saving experiment state to storage at '/results/sweep' failed with exception: "
     saving = inspect.getsource(experiment_state._ExperimentCheckpointManager.sync_up_experiment_state)
@@ -55,10 +55,12 @@ def test_a_snapshot_upload_racing_the_searchers_temporary_file_is_not_printed():
         except OSError:
             return logging.LogRecord("ray.tune.execution.experiment_state", logging.ERROR, __file__, 1, text, None,
                                      sys.exc_info())
-    vanished = "Failed to open local file '/tmp/ray/session_1/driver_artifacts/.ab-tmp-basic-variant-state-1.json'"
+    vanished = ("Failed to open local file '/tmp/ray/session_1/driver_artifacts/"
+                ".104292f4-b1fd-4cf8-be61-b5441dbf7a23-tmp-basic-variant-state-1.json'")
     assert not snapshot_race(record(FileNotFoundError(2, f"{vanished}. Detail: [errno 2] No such file or directory")))
     assert snapshot_race(record(PermissionError(13, "Permission denied: '/results/sweep/experiment_state-1.json'")))
     assert snapshot_race(record(FileNotFoundError(2, "No such file or directory: '/results/sweep'")))
+    assert snapshot_race(record(FileNotFoundError(2, "No such file or directory: '/results/a-tmp-sweep/state.json'")))
     assert snapshot_race(record(FileNotFoundError(2, f"{vanished}: No such file"), text="Trial task failed"))
 
 

@@ -344,26 +344,34 @@ def packed_epoch(trials: Sequence[Any]) -> list[tuple[float, float, int]]:
 
 
 @torch.no_grad()
-def packed_evaluation(trials: Sequence[Trial], reporting: dict[int, tuple[bool, bool]]) -> dict[int, dict[str, Any]]:
+def packed_evaluation(trials: Sequence[Trial], reporting: dict[int, tuple[bool, bool]]
+                      ) -> tuple[dict[int, dict[str, Any]], dict[int, float]]:
     """The members that report after this epoch (`reporting`: index -> `Trial.reports_after`), evaluated together:
     one vectorised pass over each split (validation, the training sample, and the test split for those that end),
-    which every member of a pack shares, instead of one pass per member. Index -> split -> `scores`."""
+    which every member of a pack shares, instead of one pass per member. Returns index -> split -> `scores`, and
+    index -> the seconds of the passes it was in."""
     evaluated = {i: {} for i, (report, _) in reporting.items() if report}
+    seconds = dict.fromkeys(evaluated, 0.0)
     for split in ("val", "fit", "test"):
         members = [i for i in evaluated if split != "test" or reporting[i][1]]
         if not members or trials[members[0]].loader(split) is None:  # nobody to evaluate, or no test split
             continue
+        start = time.perf_counter()
         lead, loader = trials[members[0]], trials[members[0]].loader(split)
         model = PackedModel([trials[i].model for i in members]).eval()
+        chunk = max(1, loader.batch_size // len(members))  # a pass holds as many images as one member's batch
         logits, labels = [], []
         for x, y in loader:
-            with lead.autocast():
-                logits.append(model(x.expand(len(members), *x.shape)).float())
+            for part in x.split(chunk):
+                with lead.autocast():
+                    logits.append(model(part.expand(len(members), *part.shape)).float())
             labels.append(y)
         logits, labels = torch.cat(logits, dim=1), torch.cat(labels)
         for i, member_logits in zip(members, logits):
             evaluated[i][split] = scores(member_logits, labels, lead.loss_fn, lead.num_classes)
-    return evaluated
+        for i in members:
+            seconds[i] += time.perf_counter() - start
+    return evaluated, seconds
 
 
 # --- what a pack worker (trainables.member.PackWorker) runs in its own process ----------------------------------
@@ -395,13 +403,10 @@ def train_round(batch: dict[str, Trial]) -> dict[str, tuple[dict[str, Any], byte
     stats = packed_epoch(trials)
     epoch_time = time.perf_counter() - start  # the pack's: each member reports its share of images in it
     reporting = {i: trial.reports_after(loss) for i, (trial, (loss, _, _)) in enumerate(zip(trials, stats))}
-    start = time.perf_counter()
-    evaluated = packed_evaluation(trials, reporting)
-    eval_time = time.perf_counter() - start  # the pack's, as epoch_time is
+    evaluated, eval_times = packed_evaluation(trials, reporting)  # each member's: the pack's passes it was in
     reports = {}
     for i, (trial_id, trial, lr, (loss, acc, seen)) in enumerate(zip(batch, trials, lrs, stats)):
-        result = trial.end_epoch(loss, acc, seen, epoch_time, lr, evaluated.get(i),
-                                 eval_time if i in evaluated else 0.0)
+        result = trial.end_epoch(loss, acc, seen, epoch_time, lr, evaluated.get(i), eval_times.get(i, 0.0))
         if result is None:
             reports[trial_id] = None
             continue

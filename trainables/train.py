@@ -244,8 +244,12 @@ class Trial:
         self.model = self.model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
         # What trains and evaluates: the model, or (train.compile) its compiled twin, which shares its weights. On
         # CUDA "reduce-overhead" replays each step's kernels as one CUDA graph: a small model's step is launch-bound.
-        self.net = (torch.compile(self.model, mode="reduce-overhead" if on_cuda else "default")
-                    if train_cfg["compile"] else self.model)
+        # Each trial compiles afresh: a reused worker then holds no earlier trial's graphs, and torch's limit of 8
+        # recompilations per function never quietly turns compiling off (Inductor's disk cache keeps it short).
+        self.net = self.model
+        if train_cfg["compile"]:
+            torch.compiler.reset()
+            self.net = torch.compile(self.model, mode="reduce-overhead" if on_cuda else "default")
         self.optimizer = create_optimizer(self.model.parameters(), **optim_cfg)
         self.schedule = create_schedule(self.optimizer, schedule=optim_cfg["schedule"],
                                         milestones=optim_cfg["milestones"], gamma=optim_cfg["gamma"],
