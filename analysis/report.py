@@ -299,10 +299,10 @@ def _facts(results: Results, comparison: Comparison) -> str:
     if len(trials):
         facts["Compute"] = (f"{_duration(float(np.nansum(trial_compute_seconds(results))))} of training and "
                             f"evaluation, {int(trials['epochs_run'].sum()):,} epochs (sums over trials)")
-    if timeline(results.directory):
-        facts["Start-up"] = _startup_fact(timeline(results.directory), trial_startup_seconds(results))
-    if made_with(results.directory):
-        facts["Made with"] = made_with(results.directory)
+    if marks := timeline(results.directory):
+        facts["Start-up"] = _startup_fact(marks, trial_startup_seconds(results))
+    if versions := made_with(results.directory):
+        facts["Made with"] = versions
     if len(comparison.table) and comparison.members[0]:
         top = comparison.table.iloc[0]
         first = trials.set_index("trial_id").loc[comparison.members[0][0]]

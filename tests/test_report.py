@@ -171,15 +171,20 @@ def test_importance_needs_enough_full_budget_trials(tmp_path):
 
 # -- seconds that count training and evaluation only ----------------------------------------------------------
 
+def _two_timed_arms(path, epochs: int, startups: tuple[float, float]) -> None:
+    """Arms "first" and "second", one trial each: epochs of 0.74 s and evaluations of 0.1 s, after `startups`."""
+    write_spec(path, spec_for(epochs=epochs, arms={"first": {}, "second": {}}))
+    for index, (arm, startup) in enumerate(zip(["first", "second"], startups)):
+        rows = curve_rows(0.9, epochs)
+        for row in rows:
+            row.update(epoch_time_s=0.74, eval_time_s=0.1)
+        write_trial(path, index, {"arm": {"name": arm}}, rows, done=True, startup_s=startup)
+
+
 def test_time_to_target_counts_training_and_evaluation_not_the_workers_start_up(tmp_path):
     # Two equal arms; Ray's clock charged the first trial the start-up of its worker (7.1 s at epoch 1 for a
     # 0.74 s epoch, on quickstart). Timed by Ray's clock the first arm took 8.4 s to its target against 1.2 s.
-    write_spec(tmp_path, spec_for(epochs=3, arms={"first": {}, "second": {}}))
-    for index, arm in enumerate(["first", "second"]):
-        rows = curve_rows(0.9, 3)
-        for row in rows:
-            row.update(epoch_time_s=0.74, eval_time_s=0.1)
-        write_trial(tmp_path, index, {"arm": {"name": arm}}, rows, done=True, startup_s=7.1 if index == 0 else 0)
+    _two_timed_arms(tmp_path, 3, (7.1, 0))
     results = load_results(tmp_path)
     assert results.epochs["time_total_s"].iloc[0] == pytest.approx(7.94)  # what Ray's clock says
     timed = time_to_target(results, compare(results), target=0.8).set_index("arm")
@@ -190,12 +195,7 @@ def test_time_to_target_counts_training_and_evaluation_not_the_workers_start_up(
 
 
 def test_the_report_shows_each_trials_start_up_and_when_the_first_epoch_came(tmp_path):
-    write_spec(tmp_path, spec_for(epochs=2, arms={"first": {}, "second": {}}))
-    for index, arm in enumerate(["first", "second"]):
-        rows = curve_rows(0.9, 2)
-        for row in rows:
-            row.update(epoch_time_s=0.74, eval_time_s=0.1)
-        write_trial(tmp_path, index, {"arm": {"name": arm}}, rows, done=True, startup_s=[7.1, 0.25][index])
+    _two_timed_arms(tmp_path, 2, (7.1, 0.25))
     write_report(tmp_path)
     assert "<dt>Start-up</dt>" not in (tmp_path / "report" / "report.html").read_text()  # it recorded no timeline
     (tmp_path / "timeline.json").write_text('{"spec and data ready": 3.3, "Ray up": 7.0, "first epoch reported": 11.8, '

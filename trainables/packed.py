@@ -369,8 +369,9 @@ def packed_evaluation(trials: Sequence[Trial], reporting: dict[int, tuple[bool, 
         logits, labels = torch.cat(logits, dim=1), torch.cat(labels)
         for i, member_logits in zip(members, logits):
             evaluated[i][split] = scores(member_logits, labels, lead.loss_fn, lead.num_classes)
+        elapsed = time.perf_counter() - start
         for i in members:
-            seconds[i] += time.perf_counter() - start
+            seconds[i] += elapsed
     return evaluated, seconds
 
 
