@@ -157,7 +157,7 @@ def trainable_for(spec: Spec, dataset: Dataset):
         from trainables.member import PackManager, train_member
 
         manager = PackManager.remote([ray.put(dataset)], base=spec.base_settings(), capacity=pack,
-                                     threads=max(1, int(r.cpu)))
+                                     threads=max(1, int(r.cpu)), trial_cpu=r.cpu, trial_gpu=r.gpu)
         train = tune.with_parameters(train_member, manager=manager)
     return trial_actor(tune.with_resources(train, {"cpu": r.cpu / pack, "gpu": r.gpu / pack}))
 

@@ -426,7 +426,8 @@ from trainables.member import PackManager
 ray.init(address="local", num_cpus=1, include_dashboard=False, configure_logging=False)
 spec = validate_spec({sweep_spec(4)!r}, "s")
 blob = cloudpickle.dumps(trainable_for(spec, load_dataset("digits")))
-manager = PackManager.remote([ray.put(load_dataset("digits"))], base=spec.base_settings(), capacity=4, threads=1)
+manager = PackManager.remote([ray.put(load_dataset("digits"))], base=spec.base_settings(), capacity=4, threads=1,
+                               trial_cpu=1, trial_gpu=0)
 
 @ray.remote(num_cpus=0)
 def member(blob, manager):
@@ -442,3 +443,51 @@ print(ray.get(member.remote(blob, manager)))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "(False, False, 'ActorHandle')"
+
+
+@pytest.mark.slow
+def test_a_worker_with_room_takes_a_new_pack_key_instead_of_a_process_more_and_trains_each_pack_as_alone():
+    # 2 CPUs hold two packs (a trial's 1 CPU each): sgd and adam each start a worker; an rmsprop member then joins
+    # one of them rather than start a third process that would share the cores. That worker trains its sgd and
+    # rmsprop members as two packs, each as it would alone (one model of mixed optimizers could not).
+    spec = {**TINY, "data": {"name": "mnist5k", "train_subset": 400, "batch_size": 50}}
+    configs = {tid: {"arm": {"name": kind, "optim.optimizer": kind, "optim.lr": lr}}
+               for tid, kind, lr in [("a", "sgd", 0.1), ("b", "adam", 1e-3), ("c", "rmsprop", 1e-3)]}
+    script = f"""
+import json, sys, ray
+sys.path.insert(0, {str(REPO)!r})
+from sweeps.runner import prepare_data
+from sweeps.spec import validate_spec
+from trainables.member import PackManager
+ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+spec = validate_spec({spec!r}, "s")
+node = ray.get_runtime_context().get_node_id()
+manager = PackManager.remote([ray.put(prepare_data(spec))], base=spec.base_settings(), capacity=2, threads=1,
+                             trial_cpu=1, trial_gpu=0)
+configs = {configs!r}
+workers = {{tid: ray.get(manager.assign.remote(tid, config, node, [])) for tid, config in configs.items()}}
+print(json.dumps({{tid: w._actor_id.hex() for tid, w in workers.items()}}))
+assert ray.get([workers[tid].join.remote(tid, configs[tid], None) for tid in "ac"]) == [(False, None)] * 2
+reports = {{tid: [ray.get(workers[tid].train.remote(tid))[0] for _ in range(2)] for tid in "ac"}}
+print(json.dumps(reports, default=str))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    places, reports = (json.loads(line) for line in done.stdout.strip().splitlines()[-2:])
+    assert places["a"] != places["b"] and places["c"] in (places["a"], places["b"]), places
+    assert places["c"] == places["a"]  # of two workers as full, the first: trained below with a member of another key
+    from sweeps.runner import prepare_data
+    from trainables.settings import resolve_settings
+
+    torch.set_num_threads(1)
+    checked = validate_spec(spec, "s")
+    data = prepare_data(checked)
+    for tid in "ac":
+        alone = Trial(resolve_settings(checked.base_settings(), configs[tid]), data, CPU,
+                      loaded_subset=checked.data.train_subset, trial_id=tid)
+        for epoch, packed in enumerate(reports[tid]):
+            expected = _epoch_alone(alone)
+            assert packed["epoch"] == expected["epoch"] == epoch + 1
+            for key in ("train_loss", "train_acc", "val_loss", "val_acc", "weight_l2"):
+                assert packed[key] == pytest.approx(expected[key], rel=1e-4 if epoch == 0 else 1e-2, abs=1e-6), \
+                    (tid, epoch, key)

@@ -5,10 +5,11 @@ worker per pack trains its members' epochs as one vectorised model (`trainables.
   its config and checkpoint, then asks for one epoch at a time and reports each as an unpacked trial would (the
   same metrics, its own checkpoint). So Tune's schedulers, searchers, retries and `sweep resume` treat it as any
   trial: ASHA stops one member and the rest go on; a searcher's new trial joins a pack with room.
-- `PackManager` knows the workers: for each node and device, which pack key each serves and who its members are.
-  The driver owns it and it owns the workers, so a sweep that ends or dies takes them with it.
-- `PackWorker` trains its members together. It takes no CPU or GPU from Ray: the members' actors hold the pack's
-  share (each asks for 1/K of a trial's resources), and it runs on their node, on their GPU.
+- `PackManager` knows the workers: for each node and device, the workers there and their members. The driver owns
+  it and it owns the workers, so a sweep that ends or dies takes them with it.
+- `PackWorker` trains up to K members, those that share a pack key as one model. It takes no CPU or GPU from Ray:
+  the members' actors hold the pack's share (each asks for 1/K of a trial's resources), and it runs on their node,
+  on their GPU.
 
 Nothing here imports torch at module level: wherever a handle to one of these actors arrives (every member), Ray
 imports this module, and torch would cost each member seconds and hundreds of MB. The worker imports it in its own
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -82,45 +84,60 @@ def _cuda_index(gpu_id: str) -> int:
 
 @ray.remote(num_cpus=0)
 class PackManager:
-    """The sweep's directory of pack workers: on each node and device, the workers there, the pack key each one
-    serves and its members. A worker whose members have all left serves the next key that needs one, instead of
-    a new process starting (torch and the data again)."""
+    """The sweep's directory of pack workers: on each node and device, the workers there and their members (member
+    id -> pack key). A member goes where its pack grows; a new worker starts only while the node has fewer than
+    the packs its CPUs (or the GPU) hold, as trials unpacked would share them: past that, a worker with room
+    takes it as a pack of its own, instead of a process that starts (torch, the data: seconds) and then shares the
+    cores with the others. A worker whose members have all left serves whichever key comes next."""
 
-    def __init__(self, dataset: list, *, base: dict[str, dict[str, Any]], capacity: int, threads: int):
+    def __init__(self, dataset: list, *, base: dict[str, dict[str, Any]], capacity: int, threads: int,
+                 trial_cpu: float, trial_gpu: float):
         self.dataset = dataset[0]  # an ObjectRef, kept in a list so that Ray does not resolve it here
         self.base, self.capacity, self.threads = base, capacity, threads
-        self.places: dict[tuple, list[dict]] = {}  # (node, device) -> [{"worker", "key", "members"}, ...]
+        self.trial_cpu, self.trial_gpu = trial_cpu, trial_gpu  # a whole pack's resources: one trial's
+        self.places: dict[tuple, list[dict]] = {}  # (node, device) -> [{"worker", "members": {id: key}}, ...]
         self.where: dict[str, dict] = {}  # member id -> its worker's entry
 
     def assign(self, trial_id: str, config: dict[str, Any], node_id: str, gpu_ids: list):
-        """The worker `trial_id` trains on: one serving its pack key with room, else an idle one, else a new one."""
+        """The worker `trial_id` trains on: one with room that holds its pack key, else an idle one, else a new one
+        while the place has room for another pack, else any with room."""
         self.release(trial_id)
         settings = resolve_settings(self.base, config)
         device = device_type(settings["train"]["device"], gpu_ids, cuda_available=bool(gpu_ids))
         device = f"cuda:{_cuda_index(gpu_ids[0])}" if device == "cuda" else "cpu"
         key, entries = pack_key(settings), self.places.setdefault((node_id, device), [])
-        entry = next((e for e in entries if e["key"] == key and len(e["members"]) < self.capacity), None) or \
+        with_room = [e for e in entries if len(e["members"]) < self.capacity]
+        entry = next((e for e in with_room if key in e["members"].values()), None) or \
             next((e for e in entries if not e["members"]), None)
+        if entry is None and (len(entries) >= self._packs_fit(node_id, device) and with_room):
+            entry = min(with_room, key=lambda e: len(e["members"]))
         if entry is None:
             worker = PackWorker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
                                         runtime_env={"env_vars": KEEP_FREED_MEMORY}
                                         ).remote(self.dataset, base=self.base, device=device, threads=self.threads)
-            entry = {"worker": worker, "members": set()}
+            entry = {"worker": worker, "members": {}}
             entries.append(entry)
-        entry["key"] = key
-        entry["members"].add(trial_id)
+        entry["members"][trial_id] = key
         self.where[trial_id] = entry
         return entry["worker"]
+
+    def _packs_fit(self, node_id: str, device: str) -> float:
+        """Whole packs (one trial's resources each) that one GPU, or the node's CPUs, hold."""
+        if device != "cpu":
+            return math.floor(1 / self.trial_gpu) if self.trial_gpu else math.inf
+        cpus = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node_id), 0)
+        return max(1, math.floor(cpus / self.trial_cpu)) if self.trial_cpu else math.inf
 
     def release(self, trial_id: str) -> None:
         entry = self.where.pop(trial_id, None)
         if entry is not None:
-            entry["members"].discard(trial_id)
+            entry["members"].pop(trial_id, None)
 
 
 @ray.remote(num_cpus=0, max_concurrency=1000)
 class PackWorker:
-    """Trains its members together, a round (one epoch of each) at a time, whatever epoch each is at.
+    """Trains its members a round (one epoch of each) at a time, whatever epoch each is at: those that share a pack
+    key as one model, one pack after another.
 
     A member calls `train` once per epoch and gets that epoch's report. The worker does not wait for it to ask: as
     soon as a round is over it trains the next, so members report to Tune while their next epoch trains, up to
@@ -136,8 +153,10 @@ class PackWorker:
         self.packed, self.source, self.base, self.device = packed, dataset, base, device
         self.on_device: dict = {}  # the members' training split on the device (trainables.packed.member_trial)
         self.members: dict[str, Any] = {}  # member id -> its trainables.train.Trial
+        self.keys: dict[str, str] = {}  # member id -> its pack key
         self.reports: dict[str, deque] = {}  # trained, not yet collected (at most AHEAD each)
         self.waiting: dict[str, asyncio.Future] = {}  # members that asked before their next report was ready
+        self.failed: dict[str, Exception] = {}  # members whose pack's round raised, for their next `train`
         self.done: set[str] = set()  # members whose last report is trained
         self.expected: set[str] = set()  # members a round waits for (not those that vanished without leaving)
         self.changed: asyncio.Event | None = None
@@ -153,9 +172,10 @@ class PackWorker:
             self.pool, self.packed.member_trial, self.source, self.on_device, self.base, config, checkpoint,
             self.device, trial_id)
         self._forget(trial_id)
+        self.failed.pop(trial_id, None)
         if trial.finished:
             return True, trial.last_report
-        self.members[trial_id] = trial
+        self.members[trial_id], self.keys[trial_id] = trial, pack_key(resolve_settings(self.base, config))
         self.expected.add(trial_id)
         if self.changed is None:
             self.changed = asyncio.Event()
@@ -170,6 +190,7 @@ class PackWorker:
 
     def _forget(self, trial_id: str) -> None:
         self.members.pop(trial_id, None)
+        self.keys.pop(trial_id, None)
         self.reports[trial_id] = deque()
         self.done.discard(trial_id)
         self.expected.discard(trial_id)
@@ -179,6 +200,8 @@ class PackWorker:
 
     async def train(self, trial_id: str) -> tuple[dict[str, Any], bytes | None, bool]:
         """`trial_id`'s next report: its metrics, its checkpoint file's bytes (or None), and whether it was its last."""
+        if trial_id in self.failed:
+            raise self.failed.pop(trial_id)
         self.expected.add(trial_id)
         self.changed.set()
         if self.reports[trial_id]:
@@ -206,24 +229,33 @@ class PackWorker:
                     self.expected &= {*self._ready(), *self.done}
                     break
                 self.changed.clear()
-            batch = {tid: self.members[tid] for tid in self._ready()}
+            packs: dict[str, dict[str, Any]] = {}
+            for tid in self._ready():
+                packs.setdefault(self.keys[tid], {})[tid] = self.members[tid]
             start = loop.time()
-            try:
-                reports = await loop.run_in_executor(self.pool, self.packed.train_round, batch)
-            except Exception as error:  # every member of the round fails with it (Tune retries them)
-                for tid in batch:
-                    if tid in self.waiting:
-                        self.waiting.pop(tid).set_exception(error)
-                    self._forget(tid)
-                continue
+            for batch in packs.values():
+                try:
+                    reports = await loop.run_in_executor(self.pool, self.packed.train_round, batch)
+                except Exception as error:  # every member of the pack fails with it (Tune retries them)
+                    for tid in batch:
+                        if tid in self.waiting:
+                            self.waiting.pop(tid).set_exception(error)
+                        else:  # at its next `train`
+                            self.failed[tid] = error
+                        self._forget(tid)
+                    continue
+                self._deliver(batch, reports)
             self.round_s = loop.time() - start
-            for tid, result in reports.items():
-                if self.members.get(tid) is not batch[tid] or result is None:  # it left or joined again meanwhile;
-                    continue  # or it trained an epoch between its reports
-                if result[2]:
-                    self.done.add(tid)
-                if tid in self.waiting:
-                    self.waiting.pop(tid).set_result(result)
-                else:
-                    self.reports[tid].append(result)
             self.changed.set()
+
+    def _deliver(self, batch: dict[str, Any], reports: dict[str, tuple | None]) -> None:
+        """Each member's report to it if it is waiting, else into its queue."""
+        for tid, result in reports.items():
+            if self.members.get(tid) is not batch[tid] or result is None:  # it left or joined again meanwhile;
+                continue  # or it trained an epoch between its reports
+            if result[2]:
+                self.done.add(tid)
+            if tid in self.waiting:
+                self.waiting.pop(tid).set_result(result)
+            else:
+                self.reports[tid].append(result)

@@ -384,7 +384,7 @@ def member_trial(source: Dataset, on_device: dict, base: dict[str, dict[str, Any
     settings = resolve_settings(base, config)
     split = (settings["data"]["train_subset"], settings["data"]["split_seed"])
     if split not in on_device:
-        on_device.clear()  # a worker that went on to another pack key
+        on_device.clear()  # another split: the worker's members of the last one keep theirs, it keeps one
         x, y = training_split(source, settings["data"], base["data"]["train_subset"])
         arrays = dict(train_x=x, train_y=y, val_x=source.val_x, val_y=source.val_y, test_x=source.test_x,
                       test_y=source.test_y)
