@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -157,7 +158,9 @@ def trainable_for(spec: Spec, dataset: Dataset):
         from trainables.member import PackManager, train_member
 
         manager = PackManager.remote([ray.put(dataset)], base=spec.base_settings(), capacity=pack,
-                                     threads=max(1, int(r.cpu)), trial_cpu=r.cpu, trial_gpu=r.gpu)
+                                     threads=max(1, int(r.cpu)), trial_cpu=r.cpu, trial_gpu=r.gpu,
+                                     node_id=ray.get_runtime_context().get_node_id(),
+                                     prestart=math.ceil(sum(count_trials(spec).values()) / pack))
         train = tune.with_parameters(train_member, manager=manager)
     return trial_actor(tune.with_resources(train, {"cpu": r.cpu / pack, "gpu": r.gpu / pack}))
 

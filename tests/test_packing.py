@@ -435,7 +435,7 @@ def member(blob, manager):
     before = "torch" in sys.modules
     cloudpickle.loads(blob)
     config = {{"arm": {{"name": "sgd", "optim.optimizer": "sgd", "optim.lr": 0.1}}}}
-    worker = ray.get(manager.assign.remote("t", config, ray.get_runtime_context().get_node_id(), []))
+    worker, device = ray.get(manager.assign.remote("t", config, ray.get_runtime_context().get_node_id(), []))
     return before, "torch" in sys.modules, type(worker).__name__
 
 print(ray.get(member.remote(blob, manager)))
@@ -446,15 +446,16 @@ print(ray.get(member.remote(blob, manager)))
 
 
 @pytest.mark.slow
-def test_a_worker_with_room_takes_a_new_pack_key_instead_of_a_process_more_and_trains_each_pack_as_alone():
-    # 2 CPUs hold two packs (a trial's 1 CPU each): sgd and adam each start a worker; an rmsprop member then joins
-    # one of them rather than start a third process that would share the cores. That worker trains its sgd and
-    # rmsprop members as two packs, each as it would alone (one model of mixed optimizers could not).
+def test_pack_workers_start_ahead_and_a_worker_with_room_takes_a_new_pack_key_and_trains_each_pack_as_alone():
+    # 2 CPUs hold two packs (a trial's 1 CPU each): the manager starts two workers ahead; sgd and adam each take
+    # one; an rmsprop member then joins one of them rather than start a third process that would share the cores.
+    # That worker trains its sgd and rmsprop members as two packs, each as it would alone (one model of mixed
+    # optimizers could not).
     spec = {**TINY, "data": {"name": "mnist5k", "train_subset": 400, "batch_size": 50}}
     configs = {tid: {"arm": {"name": kind, "optim.optimizer": kind, "optim.lr": lr}}
                for tid, kind, lr in [("a", "sgd", 0.1), ("b", "adam", 1e-3), ("c", "rmsprop", 1e-3)]}
     script = f"""
-import json, sys, ray
+import json, sys, time, ray
 sys.path.insert(0, {str(REPO)!r})
 from sweeps.runner import prepare_data
 from sweeps.spec import validate_spec
@@ -463,17 +464,28 @@ ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging
 spec = validate_spec({spec!r}, "s")
 node = ray.get_runtime_context().get_node_id()
 manager = PackManager.remote([ray.put(prepare_data(spec))], base=spec.base_settings(), capacity=2, threads=1,
-                             trial_cpu=1, trial_gpu=0)
+                             trial_cpu=1, trial_gpu=0, node_id=node, prestart=3)
+
+def pack_workers():
+    return sorted(i for i, a in ray._private.state.actors().items()
+                  if a["ActorClassName"] == "PackWorker" and a["State"] != "DEAD")
+
+ray.get(manager.release.remote("nobody"))
+while len(pack_workers()) < 2:
+    time.sleep(0.1)
+started = pack_workers()
 configs = {configs!r}
-workers = {{tid: ray.get(manager.assign.remote(tid, config, node, [])) for tid, config in configs.items()}}
-print(json.dumps({{tid: w._actor_id.hex() for tid, w in workers.items()}}))
-assert ray.get([workers[tid].join.remote(tid, configs[tid], None) for tid in "ac"]) == [(False, None)] * 2
+workers = {{tid: ray.get(manager.assign.remote(tid, config, node, []))[0] for tid, config in configs.items()}}
+print(json.dumps([started, pack_workers(), {{tid: w._actor_id.hex() for tid, w in workers.items()}}]))
+assert ray.get([workers[tid].join.remote(tid, configs[tid], None, "cpu") for tid in "ac"]) == [(False, None)] * 2
 reports = {{tid: [ray.get(workers[tid].train.remote(tid))[0] for _ in range(2)] for tid in "ac"}}
 print(json.dumps(reports, default=str))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
-    places, reports = (json.loads(line) for line in done.stdout.strip().splitlines()[-2:])
+    (started, after, places), reports = (json.loads(line) for line in done.stdout.strip().splitlines()[-2:])
+    assert len(started) == 2, "two workers start with the manager: the packs 2 CPUs hold, not the 3 asked for"
+    assert after == started and set(places.values()) == set(started), "the members train on them, no third starts"
     assert places["a"] != places["b"] and places["c"] in (places["a"], places["b"]), places
     assert places["c"] == places["a"]  # of two workers as full, the first: trained below with a member of another key
     from sweeps.runner import prepare_data

@@ -61,9 +61,9 @@ def train_member(config: dict[str, Any], *, manager) -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a "Checkpoint successfully created" per epoch
     trial_id = tune.get_context().get_trial_id()
     node = ray.get_runtime_context().get_node_id()
-    worker = ray.get(manager.assign.remote(trial_id, config, node, ray.get_gpu_ids()))
+    worker, device = ray.get(manager.assign.remote(trial_id, config, node, ray.get_gpu_ids()))
     try:
-        done, last_report = ray.get(worker.join.remote(trial_id, config, tune.get_checkpoint()))
+        done, last_report = ray.get(worker.join.remote(trial_id, config, tune.get_checkpoint(), device))
         if last_report:  # restored from its last checkpoint (trainables.train.Trial.last_report)
             report(last_report, None, config["arm"]["name"])
         while not done:
@@ -85,22 +85,30 @@ def _cuda_index(gpu_id: str) -> int:
 @ray.remote(num_cpus=0)
 class PackManager:
     """The sweep's directory of pack workers: on each node and device, the workers there and their members (member
-    id -> pack key). A member goes where its pack grows; a new worker starts only while the node has fewer than
-    the packs its CPUs (or the GPU) hold, as trials unpacked would share them: past that, a worker with room
-    takes it as a pack of its own, instead of a process that starts (torch, the data: seconds) and then shares the
-    cores with the others. A worker whose members have all left serves whichever key comes next."""
+    id -> pack key). A member goes where its pack grows, else to an idle worker, else to a new one; on CPUs, a new
+    one only while the node has fewer workers than the packs its CPUs hold: past that, a worker with room takes
+    the member as a pack of its own, instead of a process that starts (torch, the data: seconds) and then shares
+    the cores with the others. On a GPU each pack key keeps a worker of its own: another process launches kernels
+    beside the others (these small models are launch-bound) and its start holds none of them up.
+
+    Workers for the first packs start with the manager, on the driver's node (`prestart`: the sweep's packs, at most
+    as many as fit there), so that importing torch overlaps Tune starting the members instead of following it."""
 
     def __init__(self, dataset: list, *, base: dict[str, dict[str, Any]], capacity: int, threads: int,
-                 trial_cpu: float, trial_gpu: float):
+                 trial_cpu: float, trial_gpu: float, node_id: str | None = None, prestart: int = 0):
         self.dataset = dataset[0]  # an ObjectRef, kept in a list so that Ray does not resolve it here
         self.base, self.capacity, self.threads = base, capacity, threads
         self.trial_cpu, self.trial_gpu = trial_cpu, trial_gpu  # a whole pack's resources: one trial's
         self.places: dict[tuple, list[dict]] = {}  # (node, device) -> [{"worker", "members": {id: key}}, ...]
         self.where: dict[str, dict] = {}  # member id -> its worker's entry
+        self.spares: dict[str, list] = {}  # node -> workers started ahead, on no device yet
+        if node_id is not None and prestart:
+            fit = self._cpu_packs(node_id) if not trial_gpu else \
+                self._node_resources(node_id).get("GPU", 0) * math.floor(1 / trial_gpu)
+            self.spares[node_id] = [self._start_worker(node_id) for _ in range(int(min(prestart, fit)))]
 
     def assign(self, trial_id: str, config: dict[str, Any], node_id: str, gpu_ids: list):
-        """The worker `trial_id` trains on: one with room that holds its pack key, else an idle one, else a new one
-        while the place has room for another pack, else any with room."""
+        """The worker `trial_id` trains on, and its device (see the class docstring)."""
         self.release(trial_id)
         settings = resolve_settings(self.base, config)
         device = device_type(settings["train"]["device"], gpu_ids, cuda_available=bool(gpu_ids))
@@ -109,23 +117,28 @@ class PackManager:
         with_room = [e for e in entries if len(e["members"]) < self.capacity]
         entry = next((e for e in with_room if key in e["members"].values()), None) or \
             next((e for e in entries if not e["members"]), None)
-        if entry is None and (len(entries) >= self._packs_fit(node_id, device) and with_room):
+        if entry is None and device == "cpu" and with_room and len(entries) >= self._cpu_packs(node_id):
             entry = min(with_room, key=lambda e: len(e["members"]))
         if entry is None:
-            worker = PackWorker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-                                        runtime_env={"env_vars": KEEP_FREED_MEMORY}
-                                        ).remote(self.dataset, base=self.base, device=device, threads=self.threads)
-            entry = {"worker": worker, "members": {}}
+            spares = self.spares.get(node_id)
+            entry = {"worker": spares.pop() if spares else self._start_worker(node_id), "members": {}}
             entries.append(entry)
         entry["members"][trial_id] = key
         self.where[trial_id] = entry
-        return entry["worker"]
+        return entry["worker"], device
 
-    def _packs_fit(self, node_id: str, device: str) -> float:
-        """Whole packs (one trial's resources each) that one GPU, or the node's CPUs, hold."""
-        if device != "cpu":
-            return math.floor(1 / self.trial_gpu) if self.trial_gpu else math.inf
-        cpus = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node_id), 0)
+    def _start_worker(self, node_id: str):
+        return PackWorker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+                                  runtime_env={"env_vars": KEEP_FREED_MEMORY}
+                                  ).remote(self.dataset, base=self.base, threads=self.threads)
+
+    @staticmethod
+    def _node_resources(node_id: str) -> dict[str, float]:
+        return next((n["Resources"] for n in ray.nodes() if n["NodeID"] == node_id), {})
+
+    def _cpu_packs(self, node_id: str) -> float:
+        """Whole packs (one trial's CPUs each) that the node's CPUs hold."""
+        cpus = self._node_resources(node_id).get("CPU", 0)
         return max(1, math.floor(cpus / self.trial_cpu)) if self.trial_cpu else math.inf
 
     def release(self, trial_id: str) -> None:
@@ -145,13 +158,13 @@ class PackWorker:
     with it). A round waits a little (a quarter of the last round) for members still collecting, so that packs
     stay whole. Torch runs in one thread beside the event loop, so members can join, collect and leave meanwhile."""
 
-    def __init__(self, dataset, *, base: dict[str, dict[str, Any]], device: str, threads: int):
+    def __init__(self, dataset, *, base: dict[str, dict[str, Any]], threads: int):
         import torch  # in the worker's own process (see the module docstring)
 
         from trainables import packed
 
-        self.packed, self.source, self.base, self.device = packed, dataset, base, device
-        self.on_device: dict = {}  # the members' training split on the device (trainables.packed.member_trial)
+        self.packed, self.source, self.base = packed, dataset, base
+        self.on_device: dict = {}  # the members' training split on their device (trainables.packed.member_trial)
         self.members: dict[str, Any] = {}  # member id -> its trainables.train.Trial
         self.keys: dict[str, str] = {}  # member id -> its pack key
         self.reports: dict[str, deque] = {}  # trained, not yet collected (at most AHEAD each)
@@ -164,13 +177,14 @@ class PackWorker:
         self.pool = ThreadPoolExecutor(max_workers=1)
         self.pool.submit(torch.set_num_threads, threads)  # the CPUs the members hold between them (in that thread)
 
-    async def join(self, trial_id: str, config: dict[str, Any],
-                   checkpoint: tune.Checkpoint | None) -> tuple[bool, dict[str, Any] | None]:
-        """Take `trial_id` on as a member (again, when it was retried or PBT gave it another's checkpoint). Returns
-        whether it had already finished (restored from its last checkpoint: nothing to train) and its last report."""
+    async def join(self, trial_id: str, config: dict[str, Any], checkpoint: tune.Checkpoint | None,
+                   device: str) -> tuple[bool, dict[str, Any] | None]:
+        """Take `trial_id` on as a member (again, when it was retried or PBT gave it another's checkpoint), on
+        `device` (the manager's choice: every member of a worker has the same). Returns whether it had already
+        finished (restored from its last checkpoint: nothing to train) and its last report."""
         trial = await asyncio.get_running_loop().run_in_executor(
             self.pool, self.packed.member_trial, self.source, self.on_device, self.base, config, checkpoint,
-            self.device, trial_id)
+            device, trial_id)
         self._forget(trial_id)
         self.failed.pop(trial_id, None)
         if trial.finished:

@@ -382,7 +382,7 @@ def member_trial(source: Dataset, on_device: dict, base: dict[str, dict[str, Any
     """A pack's member as an ordinary Trial (continued from its checkpoint), its training images on `device` once
     per worker: `on_device` keeps the split per data settings, which every member of a pack shares."""
     settings = resolve_settings(base, config)
-    split = (settings["data"]["train_subset"], settings["data"]["split_seed"])
+    split = (settings["data"]["train_subset"], settings["data"]["split_seed"], device)
     if split not in on_device:
         on_device.clear()  # another split: the worker's members of the last one keep theirs, it keeps one
         x, y = training_split(source, settings["data"], base["data"]["train_subset"])
