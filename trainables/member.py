@@ -104,7 +104,8 @@ class PackManager:
         self.spares: dict[str, list] = {}  # node -> workers started ahead, on no device yet
         if node_id is not None and prestart:
             fit = self._cpu_packs(node_id) if not trial_gpu else \
-                self._node_resources(node_id).get("GPU", 0) * math.floor(1 / trial_gpu)
+                self._node_resources(node_id).get("GPU", 0) * math.floor(1 / trial_gpu)  # 0 on a head without any
+            fit = fit if math.isfinite(fit) else 1  # trials that ask for nothing: Ray does not say how many fit
             self.spares[node_id] = [self._start_worker(node_id) for _ in range(int(min(prestart, fit)))]
 
     def assign(self, trial_id: str, config: dict[str, Any], node_id: str, gpu_ids: list):
@@ -117,7 +118,7 @@ class PackManager:
         with_room = [e for e in entries if len(e["members"]) < self.capacity]
         entry = next((e for e in with_room if key in e["members"].values()), None) or \
             next((e for e in entries if not e["members"]), None)
-        if entry is None and device == "cpu" and with_room and len(entries) >= self._cpu_packs(node_id):
+        if entry is None and device == "cpu" and with_room and len(entries) >= max(1, self._cpu_packs(node_id)):
             entry = min(with_room, key=lambda e: len(e["members"]))
         if entry is None:
             spares = self.spares.get(node_id)
@@ -139,7 +140,7 @@ class PackManager:
     def _cpu_packs(self, node_id: str) -> float:
         """Whole packs (one trial's CPUs each) that the node's CPUs hold."""
         cpus = self._node_resources(node_id).get("CPU", 0)
-        return max(1, math.floor(cpus / self.trial_cpu)) if self.trial_cpu else math.inf
+        return math.floor(cpus / self.trial_cpu) if self.trial_cpu else math.inf
 
     def release(self, trial_id: str) -> None:
         entry = self.where.pop(trial_id, None)
