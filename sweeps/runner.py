@@ -160,7 +160,8 @@ def trainable_for(spec: Spec, dataset: Dataset):
         manager = PackManager.remote([ray.put(dataset)], base=spec.base_settings(), capacity=pack,
                                      threads=max(1, int(r.cpu)), trial_cpu=r.cpu, trial_gpu=r.gpu,
                                      node_id=ray.get_runtime_context().get_node_id(),
-                                     prestart=math.ceil(sum(count_trials(spec).values()) / pack))
+                                     prestart=math.ceil(min(sum(count_trials(spec).values()),
+                                                            spec.search.max_concurrent or math.inf) / pack))
         train = tune.with_parameters(train_member, manager=manager)
     return trial_actor(tune.with_resources(train, {"cpu": r.cpu / pack, "gpu": r.gpu / pack}))
 

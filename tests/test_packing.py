@@ -371,11 +371,12 @@ def kill_between_uploads(driver: subprocess.Popen, results, moment) -> None:
     its state and result files in a staging folder and Tune uploads them one by one; a kill in the middle of an
     upload can leave a newer state beside older rows (a checkpoint at epoch 4, rows to epoch 3), Tune's limit and
     not what this tests. So: freeze the driver, compare, and let it run on for a moment while they differ."""
-    staging = max(Path("/tmp/ray").glob(f"session_*/artifacts/*/{results.name}/driver_artifacts"),
+    ray_tmp = Path(os.environ.get("RAY_TMPDIR", "/tmp"), "ray")  # where Ray keeps its sessions
+    staging = max(ray_tmp.glob(f"session_*/artifacts/*/{results.name}/driver_artifacts"),
                   key=lambda p: p.stat().st_mtime)
     files = lambda: [f for f in staging.rglob("*") if f.is_file() and not f.name.startswith(".")]
     deadline = time.monotonic() + 60
-    while True:
+    while True:  # (the caller's kill_group ends the driver, stopped or not, if this raises)
         os.kill(driver.pid, signal.SIGSTOP)
         try:
             synced = moment() and all((results / f.relative_to(staging)).is_file()

@@ -1,5 +1,5 @@
-"""Packed trials (`resources.pack` K > 1): each trial stays a Tune trial, a light actor that reports, while one
-worker per pack trains its members' epochs as one vectorised model (`trainables.packed`).
+"""Packed trials (`resources.pack` K > 1): each trial stays a Tune trial, a light actor that reports, while a
+pack worker trains its members' epochs, those that share a pack key as one vectorised model (`trainables.packed`).
 
 - `train_member` is the Tune trainable: it finds its pack's worker through the sweep's PackManager, joins it with
   its config and checkpoint, then asks for one epoch at a time and reports each as an unpacked trial would (the
@@ -200,6 +200,7 @@ class PackWorker:
 
     async def leave(self, trial_id: str) -> None:
         self._forget(trial_id)
+        self.failed.pop(trial_id, None)
         if self.changed is not None:
             self.changed.set()
 
@@ -248,13 +249,19 @@ class PackWorker:
             for tid in self._ready():
                 packs.setdefault(self.keys[tid], {})[tid] = self.members[tid]
             start = loop.time()
-            for batch in packs.values():
+            for pack in packs.values():
+                batch = {tid: trial for tid, trial in pack.items() if self.members.get(tid) is trial}  # still here
+                if not batch:  # (the packs before it trained while members came and went)
+                    continue
                 try:
                     reports = await loop.run_in_executor(self.pool, self.packed.train_round, batch)
                 except Exception as error:  # every member of the pack fails with it (Tune retries them)
-                    for tid in batch:
-                        if tid in self.waiting:
-                            self.waiting.pop(tid).set_exception(error)
+                    for tid, trial in batch.items():
+                        if self.members.get(tid) is not trial:  # it left or joined again meanwhile
+                            continue
+                        future = self.waiting.pop(tid, None)
+                        if future is not None and not future.done():
+                            future.set_exception(error)
                         else:  # at its next `train`
                             self.failed[tid] = error
                         self._forget(tid)
@@ -270,7 +277,8 @@ class PackWorker:
                 continue  # or it trained an epoch between its reports
             if result[2]:
                 self.done.add(tid)
-            if tid in self.waiting:
-                self.waiting.pop(tid).set_result(result)
+            future = self.waiting.pop(tid, None)
+            if future is not None and not future.done():
+                future.set_result(result)
             else:
                 self.reports[tid].append(result)

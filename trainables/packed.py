@@ -380,7 +380,7 @@ def packed_evaluation(trials: Sequence[Trial], reporting: dict[int, tuple[bool, 
 def member_trial(source: Dataset, on_device: dict, base: dict[str, dict[str, Any]], config: dict[str, Any],
                  checkpoint, device: str, trial_id: str) -> Trial:
     """A pack's member as an ordinary Trial (continued from its checkpoint), its training images on `device` once
-    per worker: `on_device` keeps the split per data settings, which every member of a pack shares."""
+    per worker: `on_device` keeps the split of the data settings and device its members share (one at a time)."""
     settings = resolve_settings(base, config)
     split = (settings["data"]["train_subset"], settings["data"]["split_seed"], device)
     if split not in on_device:
