@@ -187,7 +187,6 @@ class PackWorker:
             self.pool, self.packed.member_trial, self.source, self.on_device, self.base, config, checkpoint,
             device, trial_id)
         self._forget(trial_id)
-        self.failed.pop(trial_id, None)
         if trial.finished:
             return True, trial.last_report
         self.members[trial_id], self.keys[trial_id] = trial, pack_key(resolve_settings(self.base, config))
@@ -200,13 +199,13 @@ class PackWorker:
 
     async def leave(self, trial_id: str) -> None:
         self._forget(trial_id)
-        self.failed.pop(trial_id, None)
         if self.changed is not None:
             self.changed.set()
 
     def _forget(self, trial_id: str) -> None:
         self.members.pop(trial_id, None)
         self.keys.pop(trial_id, None)
+        self.failed.pop(trial_id, None)
         self.reports[trial_id] = deque()
         self.done.discard(trial_id)
         self.expected.discard(trial_id)
@@ -260,11 +259,11 @@ class PackWorker:
                         if self.members.get(tid) is not trial:  # it left or joined again meanwhile
                             continue
                         future = self.waiting.pop(tid, None)
+                        self._forget(tid)
                         if future is not None and not future.done():
                             future.set_exception(error)
                         else:  # at its next `train`
                             self.failed[tid] = error
-                        self._forget(tid)
                     continue
                 self._deliver(batch, reports)
             self.round_s = loop.time() - start
